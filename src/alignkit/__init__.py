@@ -1,0 +1,3 @@
+"""alignkit: the language-model alignment stack."""
+
+__version__ = "0.1.0"

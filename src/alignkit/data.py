@@ -1,0 +1,296 @@
+"""Datasets in TRL's conventional schemas, validated line by line, tokenised with the chat template.
+
+Schemas (values may be strings or conversational message lists):
+  sft:   {prompt, completion} or {messages}
+  pairs: {prompt, chosen, rejected, label?}  (label ∈ [0, 1]: P(chosen preferred), for AI feedback)
+  score: {prompt, response}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+Messages = list[dict[str, str]]
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, the line (1-based) and the field."""
+
+    def __init__(self, source: str, line: int | None, fld: str | None, msg: str):
+        where = str(source) + (f", line {line}" if line else "") + (f", field '{fld}'" if fld else "")
+        super().__init__(f"{where}: {msg}")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_records(source: str, split: str = "train") -> list[tuple[int, dict]]:
+    """(line number, record) pairs from a JSONL file, a `save_to_disk` folder or an HF dataset name."""
+    path = Path(source)
+    if path.is_file():
+        return list(_read_jsonl(path))
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+        return [(i + 1, dict(r)) for i, r in enumerate(ds)]
+    if path.suffix in (".jsonl", ".json") or path.is_dir():
+        raise DataError(source, None, None, "file not found")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # the hub is unreachable offline: say so plainly
+        raise DataError(source, None, None, f"not a file and not a loadable dataset ({e})") from None
+    return [(i + 1, dict(r)) for i, r in enumerate(ds)]
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(str(path), line, None, f"not UTF-8 (byte {raw[e.start]:#04x})") from None
+    n = 0
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), i, None, f"malformed JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise DataError(str(path), i, None, "each line must be a JSON object")
+        n += 1
+        yield i, rec
+    if n == 0:
+        raise DataError(str(path), None, None, "empty file: no records")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _text_or_messages(rec: dict, key: str, src: str, line: int, required: bool = True):
+    if key not in rec or rec[key] is None:
+        if required:
+            raise DataError(src, line, key, "missing")
+        return None
+    v = rec[key]
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and v:
+        for j, m in enumerate(v):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+                raise DataError(src, line, f"{key}[{j}]", "each message needs a string 'role'")
+            if not isinstance(m.get("content"), str):
+                raise DataError(src, line, f"{key}[{j}].content", "must be a string")
+        return v
+    raise DataError(src, line, key, f"must be a string or a list of messages, got {type(v).__name__}")
+
+
+@dataclass
+class SFTExample:
+    prompt: str | Messages | None
+    completion: str | Messages | None
+    messages: Messages | None = None
+
+
+@dataclass
+class PairExample:
+    prompt: str | Messages | None
+    chosen: str | Messages
+    rejected: str | Messages
+    label: float = 1.0
+    margin: float = 0.0
+
+
+def parse_sft(records: list[tuple[int, dict]], src: str) -> list[SFTExample]:
+    out = []
+    for line, rec in records:
+        if "messages" in rec:
+            msgs = _text_or_messages(rec, "messages", src, line)
+            if isinstance(msgs, str):
+                raise DataError(src, line, "messages", "must be a list of messages")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise DataError(src, line, "messages", "has no assistant message to learn from")
+            out.append(SFTExample(None, None, msgs))
+        else:
+            if "prompt" not in rec and "completion" not in rec:
+                raise DataError(src, line, "prompt", "missing (need {prompt, completion} or {messages})")
+            p = _text_or_messages(rec, "prompt", src, line)
+            c = _text_or_messages(rec, "completion", src, line)
+            out.append(SFTExample(p, c))
+    return out
+
+
+def parse_pairs(records: list[tuple[int, dict]], src: str) -> list[PairExample]:
+    out = []
+    for line, rec in records:
+        chosen = _text_or_messages(rec, "chosen", src, line)
+        rejected = _text_or_messages(rec, "rejected", src, line)
+        # the prompt may be implicit in conversational chosen/rejected (TRL's convention)
+        need_prompt = isinstance(chosen, str)
+        prompt = _text_or_messages(rec, "prompt", src, line, required=need_prompt)
+        label = rec.get("label", 1.0)
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 1:
+            raise DataError(src, line, "label", f"must be a number in [0, 1], got {label!r}")
+        margin = rec.get("margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise DataError(src, line, "margin", f"must be a number, got {margin!r}")
+        out.append(PairExample(prompt, chosen, rejected, float(label), float(margin)))
+    return out
+
+
+def parse_scoring(records: list[tuple[int, dict]], src: str) -> list[tuple[Any, Any]]:
+    out = []
+    for line, rec in records:
+        response = _text_or_messages(rec, "response", src, line)
+        prompt = _text_or_messages(rec, "prompt", src, line, required=isinstance(response, str))
+        out.append((prompt, response))
+    return out
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+def _as_messages(x: str | Messages, role: str) -> Messages:
+    return [{"role": role, "content": x}] if isinstance(x, str) else list(x)
+
+
+def _template(tok, msgs: Messages, add_generation_prompt: bool = False) -> list[int]:
+    out = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def conversation(prompt, response) -> Messages:
+    """A (prompt, response) pair as one message list; the prompt may be missing (implicit)."""
+    head = [] if prompt is None else _as_messages(prompt, "user")
+    return head + _as_messages(response, "assistant")
+
+
+def tokenize_supervised(tok, msgs: Messages) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation and a mask that is True on assistant tokens only.
+
+    Each assistant turn's span is the difference between the templated conversation up to that turn
+    and the templated prefix with the generation prompt, so any prefix-consistent template works.
+    """
+    ids = _template(tok, msgs)
+    mask = [False] * len(ids)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start = len(_template(tok, msgs[:i], add_generation_prompt=True)) if i else 0
+        end = len(_template(tok, msgs[: i + 1]))
+        for t in range(start, min(end, len(ids))):
+            mask[t] = True
+    return ids, mask
+
+
+@dataclass
+class TruncationReport:
+    """Counts, never silence: how many examples were cut to max_length, and how many lost all targets."""
+
+    total: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    examples: list[int] = field(default_factory=list)
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        return {
+            f"{prefix}/examples": self.total,
+            f"{prefix}/truncated": self.truncated,
+            f"{prefix}/dropped": self.dropped,
+        }
+
+
+def encode_sft(examples: list[SFTExample], tok, max_length: int, src: str):
+    """→ (list of {input_ids, labels}, report). labels = -100 outside completion tokens."""
+    rows, rep = [], TruncationReport(total=len(examples))
+    for ex in examples:
+        msgs = ex.messages or conversation(ex.prompt, ex.completion)
+        ids, mask = tokenize_supervised(tok, msgs)
+        if len(ids) > max_length:
+            rep.truncated += 1
+            ids, mask = ids[:max_length], mask[:max_length]
+        if not any(mask[1:]):  # a label at position 0 is never predicted
+            rep.dropped += 1
+            continue
+        rows.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+        rep.tokens += len(ids)
+    if not rows:
+        raise DataError(src, None, None, f"every example was truncated away at max_length={max_length}")
+    return rows, rep
+
+
+def encode_pairs(examples: list[PairExample], tok, max_length: int, src: str):
+    """→ (list of {chosen_ids, rejected_ids, label, margin}, report)."""
+    rows, rep = [], TruncationReport(total=len(examples))
+    for ex in examples:
+        c = _template(tok, conversation(ex.prompt, ex.chosen))
+        r = _template(tok, conversation(ex.prompt, ex.rejected))
+        if len(c) > max_length or len(r) > max_length:
+            rep.truncated += 1
+            c, r = c[:max_length], r[:max_length]
+        if c == r:  # truncation erased the difference: nothing left to compare
+            rep.dropped += 1
+            continue
+        rows.append({"chosen_ids": c, "rejected_ids": r, "label": ex.label, "margin": ex.margin})
+        rep.tokens += len(c) + len(r)
+    if not rows:
+        raise DataError(src, None, None, f"every pair was truncated away at max_length={max_length}")
+    return rows, rep
+
+
+def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    """Right-pad to the longest sequence. (B, T)"""
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def attention_mask(seqs: list[list[int]]) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/eval index split."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).tolist()
+    k = int(round(n * fraction)) if n > 1 else 0
+    k = min(max(k, 1 if fraction > 0 and n > 1 else 0), n - 1)
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool):
+    """Global batches (lists of indices) for one epoch, a pure function of (seed, epoch).
+
+    With group_by_length, a shuffled stream is cut into windows of 64 batches, each window is sorted by
+    length and cut into batches, and the batches are shuffled: little padding, still random.
+    """
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    if group_by_length:
+        win = batch_size * 64
+        perm = [
+            i
+            for s in range(0, len(perm), win)
+            for i in sorted(perm[s : s + win], key=lambda j: -lengths[j])
+        ]
+    batches = [perm[s : s + batch_size] for s in range(0, len(perm), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size] or batches[:1]
+    if group_by_length:
+        order = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in order]
+    return batches

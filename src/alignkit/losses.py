@@ -1,0 +1,51 @@
+"""Loss functions, each a small pure function with its paper. Shapes in the docstrings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE = -100
+
+
+def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log p(label_t | x_<t) for next-token prediction. logits (B, T, V), labels (B, T) → (B, T-1).
+
+    Positions whose label is IGNORE get 0.
+    """
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE
+    lp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return lp * mask
+
+
+def sft_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed next-token cross-entropy over completion tokens, and the token count.
+
+    Returned as a sum so that the caller can normalise by the token count of the whole (global,
+    accumulated) batch: that makes gradient accumulation and data parallelism exact.
+    logits (B, T, V), labels (B, T) with IGNORE outside the completion.
+    """
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, (labels != IGNORE).sum()
+
+
+def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | None = None) -> Tensor:
+    """Bradley–Terry loss −log σ(r_c − r_r − m), per pair (InstructGPT, Ouyang et al. 2022, Eq. 1;
+    the margin m is Llama 2's, Touvron et al. 2023, Eq. 2). Shapes: (B,) → (B,)."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff)
+
+
+def soft_pairwise_loss(chosen: Tensor, rejected: Tensor, label: Tensor) -> Tensor:
+    """Cross-entropy against a soft preference y = P(chosen ≻ rejected), per pair:
+    −[y·log σ(r_c − r_r) + (1 − y)·log σ(r_r − r_c)]. With y = 1 it equals `pairwise_loss`
+    (RLAIF, Bai et al. 2022 "Constitutional AI", §4.1 trains on soft AI labels). Shapes: (B,) → (B,)."""
+    diff = chosen - rejected
+    return -(label * F.logsigmoid(diff) + (1 - label) * F.logsigmoid(-diff))

