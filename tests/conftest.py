@@ -10,6 +10,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models run fastest on one thread, and two threads thrash when anything else shares the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -31,18 +33,29 @@ def make_tiny_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tk = Tokenizer(models.BPE(unk_token=None))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tk.train_from_iterator([" ".join(WORDS)] * 4, trainer)
     from tokenizers import decoders
 
     tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>"
+    )
     tok.chat_template = CHATML
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
         tie_word_embeddings=True,
     )
     LlamaForCausalLM(cfg).save_pretrained(path)
@@ -66,7 +79,14 @@ def sft_file(tmp_path) -> Path:
     for i in range(24):
         w = WORDS[i % len(WORDS)]
         recs.append({"prompt": f"tell me about {w}", "completion": f"sure here is {w} and {w} is good"})
-    recs.append({"messages": [{"role": "user", "content": "what is water"}, {"role": "assistant", "content": "water is good"}]})
+    recs.append(
+        {
+            "messages": [
+                {"role": "user", "content": "what is water"},
+                {"role": "assistant", "content": "water is good"},
+            ]
+        }
+    )
     return write_jsonl(tmp_path / "sft.jsonl", recs)
 
 
@@ -75,6 +95,11 @@ def pairs_file(tmp_path) -> Path:
     recs = []
     for i in range(24):
         w = WORDS[i % len(WORDS)]
-        recs.append({"prompt": f"tell me about {w}", "chosen": f"sure here is {w}, helpful and polite",
-                     "rejected": "no sorry cannot assist"})
+        recs.append(
+            {
+                "prompt": f"tell me about {w}",
+                "chosen": f"sure here is {w}, helpful and polite",
+                "rejected": "no sorry cannot assist",
+            }
+        )
     return write_jsonl(tmp_path / "pairs.jsonl", recs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from .config import ConfigError, help_text, load
@@ -12,6 +13,7 @@ from .data import DataError
 
 # job name → (module, config class, one-line summary)
 JOBS = {
+    "quickstart": ("quickstart", "QuickstartConfig", "a short SFT + reward-model run on the default model"),
     "sft": ("train_sft", "SFTConfig", "supervised fine-tuning on prompt/completion or message data"),
     "rm train": ("train_rm", "RMConfig", "train a reward model (or an ensemble) on preference pairs"),
     "rm score": ("train_rm", "ScoreConfig", "score {prompt, response} records with a reward model"),
@@ -42,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
         description="alignkit: the language-model alignment stack. `alignkit <job> --help` lists its keys.",
     )
     sub = top.add_subparsers(title="jobs", metavar="<job>")
+    _job_parser(sub, "quickstart", *JOBS["quickstart"])
     _job_parser(sub, "sft", *JOBS["sft"])
     rm = sub.add_parser("rm", help="reward models: train, score", description="Reward models.")
     rm_sub = rm.add_subparsers(title="commands", metavar="<command>")
@@ -53,7 +56,9 @@ def parser() -> argparse.ArgumentParser:
     _job_parser(rm_sub, "rm combine", *JOBS["rm combine"])
     models = sub.add_parser("models", help="manage models: prepare", description="Models.")
     msub = models.add_subparsers(title="commands", metavar="<command>")
-    prep = msub.add_parser("prepare", help="materialise the embedded default model offline and print its path")
+    prep = msub.add_parser(
+        "prepare", help="materialise the embedded default model offline and print its path"
+    )
     prep.set_defaults(job="models prepare")
     return top
 
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"alignkit {args.job}: error: {e}", file=sys.stderr)
         return 2
-    if result:
+    if result and os.environ.get("RANK", "0") == "0":  # once, not once per process
         print(json.dumps(result, indent=2, default=float))
     return 0
 

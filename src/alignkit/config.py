@@ -30,7 +30,7 @@ def field_docs(cls: type) -> dict[str, str]:
         return {}
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -118,14 +118,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp!r}")
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Make `cls` from a (nested) mapping. Unknown keys and wrong types raise `ConfigError`."""
     hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     kwargs = {}
     for key, value in values.items():
         if key not in names:
             raise ConfigError(f"unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+        factory = fields[key].default_factory
+        if _is_config(hints[key]) and isinstance(value, dict) and factory is not dataclasses.MISSING:
+            # a partly given section keeps the job's own defaults for it (e.g. SFT's train.lr)
+            value = _deep_merge(dataclasses.asdict(factory()), value)
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)
@@ -183,17 +195,27 @@ def save(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Rows (key, type, default, doc) for every field, nested sections flattened with dots."""
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str, str]]:
+    """Rows (key, type, default, doc) for every field, nested sections flattened with dots.
+
+    A nested section's defaults are the job's own (its field's default_factory), e.g. SFT's train.lr."""
     rows = []
     docs = field_docs(cls)
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if _is_config(tp):
-            rows += describe(tp, prefix=f"{prefix}{f.name}.")
+            if defaults is not None:
+                sub = getattr(defaults, f.name)
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                sub = f.default_factory()  # type: ignore[misc]
+            else:
+                sub = None
+            rows += describe(tp, prefix=f"{prefix}{f.name}.", defaults=sub)
             continue
-        if f.default is not dataclasses.MISSING:
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -227,7 +228,7 @@ def encode_sft(examples: list[SFTExample], tok, max_length: int, src: str):
         if not any(mask[1:]):  # a label at position 0 is never predicted
             rep.dropped += 1
             continue
-        rows.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+        rows.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask, strict=False)]})
         rep.tokens += len(ids)
     if not rows:
         raise DataError(src, None, None, f"every example was truncated away at max_length={max_length}")
@@ -284,9 +285,7 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     if group_by_length:
         win = batch_size * 64
         perm = [
-            i
-            for s in range(0, len(perm), win)
-            for i in sorted(perm[s : s + win], key=lambda j: -lengths[j])
+            i for s in range(0, len(perm), win) for i in sorted(perm[s : s + win], key=lambda j: -lengths[j])
         ]
     batches = [perm[s : s + batch_size] for s in range(0, len(perm), batch_size)]
     batches = [b for b in batches if len(b) == batch_size] or batches[:1]

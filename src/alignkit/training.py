@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -99,7 +101,27 @@ def make_accelerator(settings: TrainSettings, output_dir: Path):
         mixed_precision="bf16" if use_bf16(settings.precision) else "no",
         log_with=None if settings.tracker == "none" else settings.tracker,
         project_dir=str(output_dir),
+        # without a GPU, processes started by torchrun / `accelerate launch --multi_gpu` join over gloo
+        cpu=not torch.accelerator.is_available(),
     )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and acc.num_processes == 1:  # each would train alone and overwrite the others' output
+        raise RuntimeError(f"launched as {world} processes but accelerate runs {acc.num_processes}")
+    if settings.batch_size % (acc.num_processes * settings.grad_accum):
+        from .config import ConfigError
+
+        raise ConfigError(
+            f"train.batch_size {settings.batch_size} is the global batch: it must be divisible by "
+            f"processes × train.grad_accum = {acc.num_processes} × {settings.grad_accum}"
+        )
+    if acc.state.deepspeed_plugin is not None:  # no dataloader is prepared: DeepSpeed needs the sizes
+        from .config import ConfigError
+
+        if settings.grad_accum != 1:  # accelerator.backward steps the DeepSpeed engine every call
+            raise ConfigError("train.grad_accum must be 1 under DeepSpeed (use FSDP to accumulate)")
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+            settings.batch_size // acc.num_processes
+        )
     set_seed(settings.seed)
     return acc
 
@@ -124,7 +146,9 @@ class MetricsLog:
     def __init__(self, path: Path, accelerator, resume_step: int | None = None):
         self.path, self.acc = path, accelerator
         if accelerator.is_main_process and resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resume_step]
+            kept = [
+                ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resume_step
+            ]
             path.write_text("".join(ln + "\n" for ln in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -199,14 +223,19 @@ def evaluate(model, task: Task, acc, batch_size: int) -> dict[str, float]:
     sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         mine = order[acc.process_index :: acc.num_processes]
-        for s in range(0, len(mine), batch_size):
-            rows = [task.eval_rows[i] for i in mine[s : s + batch_size]]
+        # every process runs the same number of forward passes (DDP buffer broadcasts, FSDP/ZeRO-3
+        # parameter gathers are collectives); a process short of rows runs a filler pass weighted 0
+        n_batches = math.ceil(math.ceil(len(order) / acc.num_processes) / batch_size)
+        for b in range(n_batches):
+            idx = mine[b * batch_size : (b + 1) * batch_size]
+            rows = [task.eval_rows[i] for i in idx or order[:1]]
+            w = 1.0 if idx else 0.0
             with acc.autocast():
                 ls, ms = task.loss_sum(model, rows)
-            loss += ls.double().cpu()
-            count += task.count(rows)
+            loss += w * ls.double().cpu()
+            count += w * task.count(rows)
             for k, v in ms.items():
-                sums[k] = sums.get(k, 0) + v.double().cpu()
+                sums[k] = sums.get(k, 0) + w * v.double().cpu()
     totals = acc.reduce(torch.stack([loss, count, *[sums[k] for k in sorted(sums)]]).to(acc.device), "sum")
     totals = totals.cpu()
     model.train()
@@ -239,6 +268,11 @@ def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc, on_
     per_epoch = max(1, len(task.train_rows) // settings.batch_size)
     bar = tqdm(total=steps, initial=start, desc=f"{task.prefix or 'train'}", disable=not acc.is_main_process)
     last: dict[str, float] = {}
+    baseline: dict[str, float] = {}
+    if start == 0 and task.eval_rows:  # the untrained baseline, so curves show what training changed
+        before = evaluate(model, task, acc, max(1, settings.batch_size // settings.grad_accum))
+        log.log(0, before)
+        baseline = {k.replace("eval/", "before/"): v for k, v in before.items()}
     model.train()
     t0, tokens_done = time.perf_counter(), 0
     epoch_cache: tuple[int, list] = (-1, [])
@@ -264,7 +298,11 @@ def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc, on_
                 metric_sums[k] = metric_sums.get(k, 0.0) + v.item()
             tokens_done += task.tokens(rows)
         # 3. clip, update, schedule
-        grad_norm = acc.clip_grad_norm_(model.parameters(), settings.max_grad_norm) if settings.max_grad_norm else None
+        grad_norm = (
+            acc.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            if settings.max_grad_norm
+            else None
+        )
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -277,7 +315,9 @@ def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc, on_
         for i, k in enumerate(metric_sums):
             last[f"train/{k}"] = sums[1 + i].item() / total_count
         if not math.isfinite(last[f"train/{task.prefix}loss"]):
-            raise FloatingPointError(f"loss is {last[f'train/{task.prefix}loss']} at step {done}; last good checkpoint kept")
+            raise FloatingPointError(
+                f"loss is {last[f'train/{task.prefix}loss']} at step {done}; last good checkpoint kept"
+            )
         last["train/lr"] = sched.get_last_lr()[0]
         if grad_norm is not None:
             last["train/grad_norm"] = float(grad_norm)
@@ -296,7 +336,7 @@ def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc, on_
         if settings.save_every and done % settings.save_every == 0 and done < steps:
             save_checkpoint(acc, output_dir, done, settings.keep_checkpoints)
     bar.close()
-    return last
+    return {**baseline, **last}
 
 
 class _null:
