@@ -196,3 +196,27 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, monkeypatch):
     ma, mb = train_metrics(a), train_metrics(b)
     assert sorted(mb) == [1, 2, 3, 4, 5, 6]  # metrics.jsonl continues without repeats
     assert [ma[s]["train/loss"] for s in ma] == pytest.approx([mb[s]["train/loss"] for s in mb], rel=1e-6)
+
+
+def test_loss_on_target_positions_only_equals_the_full_logits_loss(tiny_model):
+    # the LM head runs only where a completion token is predicted; the summed loss must not change
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.losses import IGNORE, selected_sft_loss_sum, sft_loss_sum, target_positions
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = IGNORE  # prompt
+    labels[1, :2] = IGNORE
+    labels[2, 6:] = IGNORE  # padding
+    keep = target_positions(labels)
+    selected = model(input_ids=ids, logits_to_keep=keep).logits
+    # targets at 4..8, 2..8 and 1..5 (position 0 is never predicted) → 5 + 7 + 5 = 17 rows of (N, V)
+    assert int(keep.sum()) == 17
+    assert selected.shape == (17, model.config.vocab_size)
+    full, n_full = sft_loss_sum(model(input_ids=ids).logits, labels)
+    part, n_part = selected_sft_loss_sum(selected, labels)
+    assert int(n_full) == int(n_part) == 17
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)

@@ -34,6 +34,23 @@ def sft_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return loss, (labels != IGNORE).sum()
 
 
+def target_positions(labels: Tensor) -> Tensor:
+    """Positions whose next token is a target: keep[:, t] = labels[:, t+1] ≠ IGNORE. (B, T) → (B, T) bool.
+
+    Passed as `logits_to_keep`, it makes the model project only these hidden states onto the vocabulary,
+    which skips the LM head (a fifth of SmolLM2-135M's FLOPs) on prompt and padding positions.
+    """
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def selected_sft_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """`sft_loss_sum` for logits computed at `target_positions(labels)` only. logits (N, V) → (sum, N)."""
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE]  # (N,), row-major like the boolean mask
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.new_tensor(targets.numel())
+
+
 def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | None = None) -> Tensor:
     """Bradley–Terry loss −log σ(r_c − r_r − m), per pair (InstructGPT, Ouyang et al. 2022, Eq. 1;
     the margin m is Llama 2's, Touvron et al. 2023, Eq. 2). Shapes: (B,) → (B,)."""

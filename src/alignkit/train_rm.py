@@ -87,7 +87,7 @@ def build_task(cfg: RMConfig, tok) -> tuple[Task, dict, bool]:
     else:
         tr, ev = split_eval(len(rows), cfg.train.eval_fraction, cfg.train.seed)
         rows, eval_rows = [rows[i] for i in tr], [rows[i] for i in ev]
-        report = rep.as_metrics("data/train")
+        report = {**rep.as_metrics("data/train"), "data/eval/examples": len(eval_rows)}
     soft = cfg.loss == "soft" or (cfg.loss == "auto" and any(r["label"] < 1 for r in rows))
     pad_id = tok.pad_token_id
 

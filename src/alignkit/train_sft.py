@@ -9,7 +9,7 @@ import torch
 
 from . import config as cfglib
 from .data import encode_sft, pad, parse_sft, read_records, split_eval
-from .losses import IGNORE, sft_loss_sum
+from .losses import IGNORE, selected_sft_loss_sum, sft_loss_sum, target_positions
 from .models import (
     LoraSettings,
     apply_lora,
@@ -59,7 +59,7 @@ def build_task(cfg: SFTConfig, tok) -> tuple[Task, dict]:
     else:
         tr, ev = split_eval(len(rows), cfg.train.eval_fraction, cfg.train.seed)
         rows, eval_rows = [rows[i] for i in tr], [rows[i] for i in ev]
-        report = rep.as_metrics("data/train")
+        report = {**rep.as_metrics("data/train"), "data/eval/examples": len(eval_rows)}
     pad_id = tok.pad_token_id
 
     def loss_sum(model, batch):
@@ -69,8 +69,13 @@ def build_task(cfg: SFTConfig, tok) -> tuple[Task, dict]:
             torch.arange(ids.size(1))[None] < torch.tensor([len(r["input_ids"]) for r in batch])[:, None]
         ).long()
         device = next(model.parameters()).device
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
-        loss, _ = sft_loss_sum(logits, labels.to(device))
+        labels = labels.to(device)
+        keep = target_positions(labels)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits
+        if logits.dim() == 2:  # (N, V): the model projected the target positions only
+            loss, _ = selected_sft_loss_sum(logits, labels)
+        else:  # a model that ignores logits_to_keep: (B, T, V)
+            loss, _ = sft_loss_sum(logits, labels)
         return loss, {}
 
     task = Task(
