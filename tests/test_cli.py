@@ -221,3 +221,25 @@ def test_help_shows_the_jobs_own_defaults(capsys):
 def test_console_script_is_cli_main():
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "alignkit"]
     assert ep.load() is cli.main
+
+
+def test_a_diverging_run_stops_with_a_clear_message_and_exit_1(tiny_model, sft_file, tmp_path, capsys):
+    # an absurd learning rate drives the tiny model's loss to inf/nan within a few steps
+    out = tmp_path / "diverged"
+    code = cli.main(
+        [
+            "sft",
+            f"data={sft_file}",
+            f"model={tiny_model}",
+            f"output_dir={out}",
+            "train.max_steps=30",
+            "train.lr=1.0e+12",
+            "train.max_grad_norm=0",
+            "train.warmup_ratio=0",
+            "lora.enabled=false",
+            "train.precision=fp32",
+        ]
+    )
+    assert code == 1
+    assert "stopped: loss is" in capsys.readouterr().err
+    assert not (out / "model.safetensors").exists()  # no final model from a diverged run

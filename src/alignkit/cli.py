@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"alignkit {args.job}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # training diverged: say so plainly, checkpoints stay as they were
+        print(f"alignkit {args.job}: stopped: {e}", file=sys.stderr)
+        return 1
     if result and os.environ.get("RANK", "0") == "0":  # once, not once per process
         print(json.dumps(result, indent=2, default=float))
     return 0

@@ -183,8 +183,7 @@ def run(cfg: RMConfig) -> dict:
             lora = LoraSettings(**{**cfg.lora.__dict__, "save_adapter_only": True})
             save_model(model, tok, member_dir, lora)
             (member_dir / "done.json").write_text(json.dumps(metrics))
-            if shutil.os.path.isdir(member_dir / "checkpoints"):
-                shutil.rmtree(member_dir / "checkpoints")
+            shutil.rmtree(member_dir / "checkpoints", ignore_errors=True)
         acc.wait_for_everyone()
         results[name] = metrics
     if is_main:

@@ -8,6 +8,7 @@ makes accumulation equal one big batch, N processes equal one, and resume equal 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -290,7 +291,7 @@ def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc, on_
         loss_total, metric_sums = 0.0, {}
         for j, idx in enumerate(micro):
             rows = [task.train_rows[i] for i in idx]
-            ctx = acc.no_sync(model) if j < len(micro) - 1 else _null()
+            ctx = acc.no_sync(model) if j < len(micro) - 1 else contextlib.nullcontext()
             with ctx:
                 with acc.autocast():
                     ls, ms = task.loss_sum(model, rows)
@@ -339,14 +340,6 @@ def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc, on_
             save_checkpoint(acc, output_dir, done, settings.keep_checkpoints)
     bar.close()
     return {**baseline, **last}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _order(task: Task, settings: TrainSettings, epoch: int) -> list[list[int]]:
