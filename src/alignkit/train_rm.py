@@ -118,7 +118,7 @@ def build_task(cfg: RMConfig, tok) -> tuple[Task, dict, bool]:
         loss_sum=loss_sum,
         count=len,
         tokens=lambda batch: sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in batch),
-        prefix="",
+        name="rm",
     )
     return task, report, soft
 

@@ -86,7 +86,7 @@ def build_task(cfg: SFTConfig, tok) -> tuple[Task, dict]:
         loss_sum=loss_sum,
         count=lambda batch: sum(sum(t != IGNORE for t in r["labels"][1:]) for r in batch),
         tokens=lambda batch: sum(len(r["input_ids"]) for r in batch),
-        prefix="",
+        name="sft",
     )
     return task, report
 

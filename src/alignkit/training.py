@@ -199,7 +199,8 @@ class Task:
     loss_sum: Callable[[Any, list[dict]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     count: Callable[[list[dict]], int]
     tokens: Callable[[list[dict]], int]
-    prefix: str
+    name: str
+    """Shown on the progress bar."""
 
 
 def _shard(batch: list[int], acc, grad_accum: int) -> list[list[int]]:
@@ -241,13 +242,13 @@ def evaluate(model, task: Task, acc, batch_size: int) -> dict[str, float]:
     totals = acc.reduce(torch.stack([loss, count, *[sums[k] for k in sorted(sums)]]).to(acc.device), "sum")
     totals = totals.cpu()
     model.train()
-    out = {f"eval/{task.prefix}loss": (totals[0] / totals[1]).item()}
+    out = {"eval/loss": (totals[0] / totals[1]).item()}
     for i, k in enumerate(sorted(sums)):
         out[f"eval/{k}"] = (totals[2 + i] / totals[1]).item()
     return out
 
 
-def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc, on_eval=None) -> dict:
+def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc) -> dict:
     """Run the optimisation loop; return the last train and eval metrics.
 
     Steps: 1. global batch from the (seed, epoch) order; 2. this process's micro-batches, loss summed and
@@ -269,7 +270,7 @@ def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc, on_
     if not settings.resume and acc.is_main_process:
         (output_dir / "metrics.jsonl").write_text("")
     per_epoch = max(1, len(task.train_rows) // settings.batch_size)
-    bar = tqdm(total=steps, initial=start, desc=f"{task.prefix or 'train'}", disable=not acc.is_main_process)
+    bar = tqdm(total=steps, initial=start, desc=task.name, disable=not acc.is_main_process)
     last: dict[str, float] = {}
     baseline: dict[str, float] = {}
     if start == 0 and task.eval_rows:  # the untrained baseline, so curves show what training changed
@@ -314,25 +315,23 @@ def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc, on_
         done = step + 1
         sums = acc.reduce(torch.tensor([loss_total, *metric_sums.values()], device=acc.device), "sum").cpu()
         total_count = norm * acc.num_processes
-        last = {f"train/{task.prefix}loss": sums[0].item() / total_count}
+        last = {"train/loss": sums[0].item() / total_count}
         for i, k in enumerate(metric_sums):
             last[f"train/{k}"] = sums[1 + i].item() / total_count
-        if not math.isfinite(last[f"train/{task.prefix}loss"]):
+        if not math.isfinite(last["train/loss"]):
             raise FloatingPointError(
-                f"loss is {last[f'train/{task.prefix}loss']} at step {done}; last good checkpoint kept"
+                f"loss is {last['train/loss']} at step {done}; last good checkpoint kept"
             )
         last["train/lr"] = sched.get_last_lr()[0]
         if grad_norm is not None:
             last["train/grad_norm"] = float(grad_norm)
         elapsed = time.perf_counter() - t0
         last["perf/tokens_per_s"] = tokens_done * acc.num_processes / max(elapsed, 1e-9)
-        bar.set_postfix(loss=f"{last[f'train/{task.prefix}loss']:.4f}")
+        bar.set_postfix(loss=f"{last['train/loss']:.4f}")
         if done % settings.log_every == 0 or done == steps:
             log.log(done, last)
         if (settings.eval_every and done % settings.eval_every == 0) or done == steps:
             ev = evaluate(model, task, acc, max(1, settings.batch_size // settings.grad_accum))
-            if on_eval:
-                ev.update(on_eval(model))
             if ev:
                 log.log(done, ev)
                 last.update(ev)
