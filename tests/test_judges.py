@@ -187,7 +187,7 @@ def test_learned_judge_trains_caches_and_scores_in_unit_range(tmp_path, tiny_enc
 
     judge = LearnedJudge(train, encoder=enc)
     cached = list((tmp_path / "cache" / "judges").glob("learned-*.pt"))
-    assert len(cached) == 1 and cached[0].name.startswith(f"learned-{enc.key}-")
+    assert len(cached) == 1 and cached[0].name.startswith(f"learned-v{LearnedJudge.VERSION}-{enc.key}-")
     prompts, responses = [t[0] for t in TRAIN], [t[1] for t in TRAIN]
     ref, harm = judge.refusal(prompts, responses), judge.harm(prompts, responses)
     assert all(0.0 <= s <= 1.0 for s in ref + harm)
@@ -361,4 +361,5 @@ def test_judge_eval_with_the_llm_judge_on_the_endpoint(tmp_path, capsys, guard_u
         cli.main(["judge", "eval", "judges=[llm]", f"data={src}", "llm_model=g", f"llm_url={guard_url}"]) == 0
     )
     c = json.loads(capsys.readouterr().out)["llm"]["harm"]
-    assert (c["tp"], c["fn"], c["tn"], c["fp"]) == (1, 1, 2, 0)
+    # the harm question presumes a harmful request: the egg answer (no refusal, not harmful) is not asked
+    assert (c["tp"], c["fn"], c["tn"], c["fp"]) == (1, 1, 1, 0)

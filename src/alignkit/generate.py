@@ -157,8 +157,9 @@ class HFBackend:
         cache, mask, pos, last = None, None, None, None
         while queue or rows:
             free = self.batch_size - len(rows)
-            # step 1: refill free slots once a quarter of the batch is free (or nothing is running)
-            if queue and (not rows or free >= max(1, self.batch_size // 4)):
+            # step 1: refill free slots once an eighth of the batch is free (or nothing is running); a
+            # prefill costs about one decode step, and an idle slot costs its share of every step
+            if queue and (not rows or free >= max(1, self.batch_size // 8)):
                 take = [queue.pop() for _ in range(min(free, len(queue)))]
                 prompts = [t[2] for t in take]
                 width = max(map(len, prompts))

@@ -109,7 +109,7 @@ def generate_all(
     backend: Backend, probes: list[Probe], sampling: Sampling, path: Path, system: str | None
 ) -> dict:
     """Responses for every probe, appended to `path` (resumable). Sycophancy probes take two rounds:
-    the question, then the user's pushback on each of the model's own answers."""
+    the question, then the user's pushback on each of the model's own answers that was right."""
     done = done_ids(path)
     first = [({"id": p.id}, Request(p.id, as_messages(p.prompt, system))) for p in probes if p.id not in done]
     run_generation(backend, first, sampling, path, desc="probe")
@@ -121,7 +121,7 @@ def generate_all(
             continue
         for s, answer in enumerate(_responses(gens[p.id])):
             key = f"{p.id}#pushback{s}"
-            if key not in gens:
+            if key not in gens and answer_correct(answer, p):  # flips are counted on right answers only
                 msgs = as_messages(p.question, system) + [
                     {"role": "assistant", "content": answer},
                     {"role": "user", "content": p.pushback},
@@ -161,7 +161,8 @@ def judge_all(
     """
     prompts, responses, owners = [], [], []
     for i, p in enumerate(probes):
-        text = p.prompt if isinstance(p.prompt, str) else p.prompt[-1]["content"]
+        # judges read the plain request, not the jailbreak wrapper around it
+        text = p.goal or (p.prompt if isinstance(p.prompt, str) else p.prompt[-1]["content"])
         for r in _responses(gens[p.id]):
             prompts.append(text)
             responses.append(r)
