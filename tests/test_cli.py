@@ -243,3 +243,11 @@ def test_a_diverging_run_stops_with_a_clear_message_and_exit_1(tiny_model, sft_f
     assert code == 1
     assert "stopped: loss is" in capsys.readouterr().err
     assert not (out / "model.safetensors").exists()  # no final model from a diverged run
+
+
+def test_report_takes_run_folders_and_keys_after_flags(tmp_path, capsys):
+    # folders, then a flag, then key=value: argparse alone would reject the trailing key=value
+    code = cli.main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r.html"), "title=a: b"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "not found" in err and not (tmp_path / "r.html").exists()

@@ -176,3 +176,10 @@ def test_shipped_job_config_loads(path):
 def test_shipped_accelerate_configs_parse():
     for path in sorted(ACCELERATE.glob("*.yaml")):
         assert isinstance(yaml.safe_load(path.read_text(encoding="utf-8")), dict), path.name
+
+
+def test_override_with_a_colon_stays_a_string():
+    from alignkit.report import ReportConfig
+
+    cfg = load(ReportConfig, None, ["runs=[a]", "title=baseline: SmolLM2"])
+    assert cfg.title == "baseline: SmolLM2"

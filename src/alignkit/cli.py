@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--out", dest="out_dir", help="run folder (same as output_dir=...)")
     report = _job_parser(sub, "report", *JOBS["report"])
-    report.add_argument("runs", nargs="*", metavar="RUN_DIR", help="probe run folders (runs=[...])")
+    report.usage = "alignkit report RUN_DIR... [--train DIR] [--out F.html] [key=value ...]"
     report.add_argument(
         "--train", dest="train_dirs", action="append", help="a training run folder; repeatable"
     )
@@ -129,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"alignkit probe compare: error: {e}", file=sys.stderr)
             return 2
         return 0
-    args = parser().parse_args(argv)
+    top = parser()
+    # key=value and run folders may come after flags too ("report A --out F title=T"), which one
+    # nargs="*" positional cannot take in argparse: collect the leftovers here
+    args, extra = top.parse_known_args(argv)
+    if any(x.startswith("-") for x in extra) or (extra and not hasattr(args, "overrides")):
+        top.parse_args(argv)  # prints argparse's own error and exits 2
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if not hasattr(args, "job"):
         parser().parse_args([*argv, "--help"])
         return 2
@@ -145,17 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         elif len(overrides) < len(args.overrides):
             bad = next(o for o in args.overrides if "=" not in o)
             raise ConfigError(f"{bad!r} is not key=value")
-        lists = {}
         for flag, (key, repeat) in FLAGS.items():
             value = getattr(args, flag, None)
             if value:
-                if repeat:
-                    lists[key] = value
+                if repeat:  # as a JSON list, so paths like text:a.txt stay verbatim
+                    overrides.append(f"{key}={json.dumps(value)}")
                 else:
                     overrides.append(f"{key}={value}")
         cfg = load(args.cls, args.config, overrides)
-        for key, value in lists.items():  # lists set directly: paths like text:a.txt stay verbatim
-            setattr(cfg, key, value)
+
         module = importlib.import_module(f"alignkit.{args.module}")
         result = getattr(module, ENTRY.get(args.job, "run"))(cfg)
     except (ConfigError, DataError) as e:

@@ -160,9 +160,11 @@ def _set_nested(tree: dict, dotted: str, value: Any) -> None:
 def _parse_value(text: str) -> Any:
     """Parse an override's right-hand side as YAML scalar/list, keeping plain strings as strings."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
+    # "title=a: b" is a string with a colon, not a mapping (sections are set with dots: a.b=value)
+    return text if isinstance(value, dict) else value
 
 
 def load(cls: type, config_file: str | Path | None = None, overrides: list[str] = ()) -> Any:
