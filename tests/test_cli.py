@@ -251,3 +251,11 @@ def test_report_takes_run_folders_and_keys_after_flags(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "nope" in err and "not found" in err and not (tmp_path / "r.html").exists()
+
+
+def test_percent_signs_read_as_written_in_help(capsys):
+    for argv in (["--help"], ["probe", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        out = capsys.readouterr().out
+        assert "95% intervals" in out and "%%" not in out

@@ -19,7 +19,7 @@ JOBS = {
     "rm score": ("train_rm", "ScoreConfig", "score {prompt, response} records with a reward model"),
     "rm combine": ("train_rm", "CombineConfig", "gate a helpfulness RM by a harmlessness RM (priority)"),
     "generate": ("generate", "GenerateConfig", "batched, resumable generation for {id, prompt} records"),
-    "probe": ("probe", "ProbeConfig", "adversarial and benign probe packs → rates with 95%% intervals"),
+    "probe": ("probe", "ProbeConfig", "adversarial and benign probe packs → rates with 95% intervals"),
     "probe compare": ("probe", "CompareConfig", "put probe runs side by side"),
     "judge eval": ("judges", "JudgeEvalConfig", "measure a judge on labelled responses"),
     "report": (
@@ -46,7 +46,7 @@ def _job_parser(sub, name: str, module: str, cls_name: str, summary: str):
     cls = getattr(importlib.import_module(f"alignkit.{module}"), cls_name)
     p = sub.add_parser(
         name.split()[-1],
-        help=summary,
+        help=summary.replace("%", "%%"),  # argparse %-formats help strings
         description=f"alignkit {name}: {summary}.",
         epilog="keys (set in --config YAML or as key=value; nested as a.b=value):\n" + help_text(cls),
         formatter_class=argparse.RawDescriptionHelpFormatter,
