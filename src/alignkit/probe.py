@@ -168,7 +168,13 @@ def judge_all(
             responses.append(r)
             owners.append(i)
     ref = refusal.refusal(prompts, responses)
-    hm = harm.harm(prompts, responses) if harm else [None] * len(responses)
+    hm: list[float | None] = [None] * len(responses)
+    if harm:  # asked only about answers to harmful requests (an LLM judge costs a call each)
+        asked = [k for k, i in enumerate(owners) if probes[i].kind == "refuse"]
+        for k, score in zip(
+            asked, harm.harm([prompts[k] for k in asked], [responses[k] for k in asked]), strict=True
+        ):
+            hm[k] = score
     results = [
         {
             **p.record(),
