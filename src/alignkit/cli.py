@@ -22,6 +22,7 @@ JOBS = {
     "probe": ("probe", "ProbeConfig", "adversarial and benign probe packs → rates with 95% intervals"),
     "probe compare": ("probe", "CompareConfig", "put probe runs side by side"),
     "judge eval": ("judges", "JudgeEvalConfig", "measure a judge on labelled responses"),
+    "guard score": ("guard", "GuardScoreConfig", "run the guard's input or output checks over JSONL records"),
     "report": (
         "report",
         "ReportConfig",
@@ -29,7 +30,13 @@ JOBS = {
     ),
 }
 # which function of the module runs each job
-ENTRY = {"rm score": "score", "rm combine": "combine", "probe compare": "compare", "judge eval": "evaluate"}
+ENTRY = {
+    "rm score": "score",
+    "rm combine": "combine",
+    "probe compare": "compare",
+    "judge eval": "evaluate",
+    "guard score": "score",
+}
 # flags that stand for keys: flag → (key, repeatable)
 FLAGS = {
     "model": ("model", False),
@@ -39,6 +46,8 @@ FLAGS = {
     "packs": ("packs", True),
     "runs": ("runs", True),
     "train_dirs": ("train", True),
+    "stage": ("stage", False),
+    "guard_file": ("guard", False),
 }
 
 
@@ -93,6 +102,13 @@ def parser() -> argparse.ArgumentParser:
     judge = sub.add_parser("judge", help="judges: eval", description="Judges of responses.")
     judge_sub = judge.add_subparsers(title="commands", metavar="<command>")
     _job_parser(judge_sub, "judge eval", *JOBS["judge eval"])
+    guard = sub.add_parser("guard", help="guardrails: score", description="Inference-time guardrails.")
+    guard_sub = guard.add_subparsers(title="commands", metavar="<command>")
+    gs = _job_parser(guard_sub, "guard score", *JOBS["guard score"])
+    gs.add_argument("--stage", help="input or output (same as stage=...)")
+    gs.add_argument("--guard", dest="guard_file", help="guard YAML (same as guard=...)")
+    gs.add_argument("--in", dest="inp", help="input JSONL (same as input=...)")
+    gs.add_argument("--out", help="output JSONL (same as output=...)")
     models = sub.add_parser("models", help="manage models: prepare", description="Models.")
     msub = models.add_subparsers(title="commands", metavar="<command>")
     prep = msub.add_parser(

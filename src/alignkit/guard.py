@@ -266,6 +266,8 @@ class Pipeline:
 # ---------------------------------------------------------------- config
 @dataclass
 class GuardConfig:
+    """A guard pipeline (the YAML of `--guard`)."""
+
     fail_closed: bool = True
     """A check that raises blocks the record (true) or is recorded unflagged and skipped (false)."""
     refusal_text: str = "I can't help with that."
@@ -298,3 +300,66 @@ def build_pipeline(cfg: GuardConfig, judge: Any = None) -> Pipeline:
     checks.append(ScoreCheck("over_refusal", "output", "flag", judge.refusal, cfg.refusal_threshold))
     context = ContextRules.load(cfg.rules_file) if cfg.rules_file else None
     return Pipeline(checks, context, cfg.fail_closed, cfg.refusal_text)
+
+
+# ---------------------------------------------------------------- `alignkit guard score`
+@dataclass
+class GuardScoreConfig:
+    """Run the guard over {id, prompt} records (input stage) or {id, prompt, response} (output stage)."""
+
+    stage: Literal["input", "output"] = "input"
+    """Which checks run: input (on prompts) or output (on responses)."""
+    guard: str | None = None
+    """Guard YAML (GuardConfig keys); unset: the default guard."""
+    input: str = ""
+    """JSONL of {id, prompt} (+ response for the output stage)."""
+    output: str = ""
+    """JSONL written: each record plus flagged, score, verdicts (and refusal, harm for the output stage)."""
+
+
+def score(cfg: GuardScoreConfig, judge: Any = None) -> dict:
+    import json
+    import os
+
+    from .config import load
+    from .data import read_records
+
+    if not cfg.input or not cfg.output:
+        raise DataError("guard score", None, "input/output", "both --in and --out are needed")
+    records = read_records(cfg.input)
+    need = ("id", "prompt", "response") if cfg.stage == "output" else ("id", "prompt")
+    for line, rec in records:
+        for key in need:
+            if key not in rec:
+                raise DataError(cfg.input, line, key, "missing")
+            if key != "id" and not isinstance(rec[key], str):
+                raise DataError(cfg.input, line, key, "must be a string")
+    gcfg = load(GuardConfig, cfg.guard) if cfg.guard else GuardConfig()
+    judge = judge if judge is not None else make_judge(gcfg.judge)
+    pipe = build_pipeline(gcfg, judge)
+    prompts = [r["prompt"] for _, r in records]
+    responses = [r["response"] for _, r in records] if cfg.stage == "output" else None
+    results = pipe.check_many(cfg.stage, prompts, responses)
+    if cfg.stage == "output":  # both scores for every record, whatever stopped the checks early
+        refusal, harm = judge.refusal(prompts, responses), judge.harm(prompts, responses)
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    with tmp.open("w") as f:
+        for k, ((_, rec), res) in enumerate(zip(records, results, strict=True)):
+            row = {
+                **rec,
+                "flagged": res.flagged,
+                "score": res.score,
+                "verdicts": [v.as_dict() for v in res.verdicts],
+            }
+            if cfg.stage == "output":
+                row["refusal"], row["harm"] = refusal[k], harm[k]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    return {
+        "output": str(out),
+        "records": len(results),
+        "flagged": sum(r.flagged for r in results),
+        "blocked": sum(r.blocked for r in results),
+    }
