@@ -363,3 +363,19 @@ def test_judge_eval_with_the_llm_judge_on_the_endpoint(tmp_path, capsys, guard_u
     c = json.loads(capsys.readouterr().out)["llm"]["harm"]
     # the harm question presumes a harmful request: the egg answer (no refusal, not harmful) is not asked
     assert (c["tp"], c["fn"], c["tn"], c["fp"]) == (1, 1, 1, 0)
+
+
+def test_encoder_memo_gives_the_same_embeddings_and_skips_known_texts(tiny_encoder_dir, monkeypatch):
+    enc = Encoder(tiny_encoder_dir)
+    texts = ["a short one", "a much longer sentence about bread and butter", "a short one"]
+    first = enc(texts)
+    assert torch.allclose(first[0], first[2])
+    calls = []
+    real = enc.model.forward
+    monkeypatch.setattr(enc.model, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    again = enc(list(reversed(texts)))
+    assert calls == [] and torch.equal(again, first.flip(0))  # all known: no forward pass
+    enc.memo_size = 1  # more new texts than the memo holds: still right, memo dropped
+    more = enc(["x y z", "p q r s t", "a short one"])
+    assert torch.equal(more[2], first[0]) and len(calls) == 1
+    assert enc(["x y z"]).shape == (1, 32) and enc([]).shape == (0, 32)

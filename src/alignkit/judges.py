@@ -161,23 +161,30 @@ class Encoder:
         self.max_length, self.batch_size = max_length, batch_size
         self.key = hashlib.sha256(f"{path}:{max_length}".encode()).hexdigest()[:12]
 
+    memo_size = 50_000
+    """Texts whose embeddings are kept: a judge embeds a response for several heads and callers."""
+
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch
-        out = torch.zeros(len(texts), self.model.config.hidden_size)
-        for b in range(0, len(order), self.batch_size):
-            idx = order[b : b + self.batch_size]
+        memo = self.__dict__.setdefault("_memo", {})
+        got = {t: memo[t] for t in set(texts) if t in memo}
+        todo = sorted({t for t in texts if t not in got}, key=len)  # similar lengths per batch
+        for b in range(0, len(todo), self.batch_size):
+            chunk = todo[b : b + self.batch_size]
             enc = self.tok(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
+                chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
             h = self.model(**enc).last_hidden_state
             m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            out[idx] = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
-        return out
+            emb = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+            got.update(zip(chunk, emb, strict=True))
+        if len(memo) + len(todo) > self.memo_size:
+            memo.clear()
+        if len(todo) <= self.memo_size:
+            memo.update((t, got[t]) for t in todo)
+        if not texts:
+            return torch.zeros(0, self.model.config.hidden_size)
+        return torch.stack([got[t] for t in texts])
 
 
 def fit_logistic(
