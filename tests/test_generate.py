@@ -293,9 +293,9 @@ class StopsAfter:
     def __init__(self, inner, after: int | None = None):
         self.inner, self.after, self.asked = inner, after, []
 
-    def generate(self, requests, sampling, on_tokens=None):
+    def generate(self, requests, sampling):
         self.asked.append([r.key for r in requests])
-        for i, c in enumerate(self.inner.generate(requests, sampling, on_tokens)):
+        for i, c in enumerate(self.inner.generate(requests, sampling)):
             if i == self.after:
                 raise Interrupted
             yield c

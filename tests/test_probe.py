@@ -58,7 +58,7 @@ class Scripted:
     def __init__(self, script: dict = SCRIPT):
         self.script, self.requests, self.samplings = script, [], []
 
-    def generate(self, requests, sampling, on_tokens=None):
+    def generate(self, requests, sampling):
         self.samplings.append(sampling)
         for r in requests:
             self.requests.append(r)
@@ -73,7 +73,7 @@ class Refuses:
 
     name = "refuses"
 
-    def generate(self, requests, sampling, on_tokens=None):
+    def generate(self, requests, sampling):
         if requests:
             raise AssertionError(f"asked to generate {[r.key for r in requests]}")
         yield from ()

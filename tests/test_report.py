@@ -204,7 +204,7 @@ def test_existing_report_replaced_atomically(tmp_path, probe_runs, monkeypatch):
     def fail(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", fail)
+    monkeypatch.setattr("alignkit.data.os.replace", fail)
     with pytest.raises(OSError):
         report.run(cfg)
     assert (tmp_path / "r.html").read_text() == "old"  # the old report is intact, the temp file is gone

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -49,9 +49,7 @@ class Backend(Protocol):
 
     name: str
 
-    def generate(
-        self, requests: list[Request], sampling: Sampling, on_tokens: Callable[[int], None] | None = None
-    ) -> Iterator[Completion]:
+    def generate(self, requests: list[Request], sampling: Sampling) -> Iterator[Completion]:
         """Yield one Completion per request (n samples each), in any order, as they finish."""
         ...
 
@@ -142,7 +140,7 @@ class HFBackend:
         return list(out["input_ids"] if isinstance(out, dict) else out)
 
     @torch.inference_mode()
-    def generate(self, requests, sampling, on_tokens=None):
+    def generate(self, requests, sampling):
         gen = torch.Generator().manual_seed(sampling.seed)
         # queue of (request index, sample index, prompt ids), shortest prompts first so each prefill
         # batch holds similar lengths (little padding)
@@ -224,8 +222,6 @@ class HFBackend:
                 left[i] -= 1
                 if left[i] == 0:
                     yield Completion(requests[i].key, texts[i], counts[i])
-            if on_tokens:
-                on_tokens(len(fresh))
             if len(keep) < len(rows):
                 keep.sort()
                 if not keep:
@@ -254,7 +250,7 @@ class VLLMBackend:
         dtype = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}[precision]
         self.llm = LLM(model=resolve(model), dtype=dtype, max_num_seqs=batch_size)
 
-    def generate(self, requests, sampling, on_tokens=None):
+    def generate(self, requests, sampling):
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -266,8 +262,6 @@ class VLLMBackend:
         )
         for r, out in zip(requests, self.llm.chat([r.messages for r in requests], params), strict=True):
             yield Completion(r.key, [o.text for o in out.outputs], [len(o.token_ids) for o in out.outputs])
-            if on_tokens:
-                on_tokens(sum(len(o.token_ids) for o in out.outputs))
 
 
 def make_backend(kind: str, model: str, precision: str = "auto", batch_size: int = 16) -> Backend:
@@ -287,19 +281,9 @@ def make_backend(kind: str, model: str, precision: str = "auto", batch_size: int
 
 
 @dataclass
-class GenerateConfig:
-    """Generate responses for {id, prompt} or {id, messages} records."""
+class GenerationKeys:
+    """Sampling and engine keys of every job that generates (generate, probe)."""
 
-    model: str = "default"
-    """Policy: hub id, local folder or 'default'."""
-    input: str = ""
-    """JSONL of {id, prompt} or {id, messages} (other fields are carried through)."""
-    output: str = ""
-    """JSONL written: each input record plus `response` (n = 1) or `responses`, and `response_tokens`."""
-    system: str | None = None
-    """System prompt added to records that have none."""
-    n: int = 1
-    """Samples per prompt."""
     temperature: float = 0.7
     """Sampling temperature; 0 is greedy."""
     top_p: float = 1.0
@@ -314,17 +298,38 @@ class GenerateConfig:
     """Generation backend: hf (transformers), vllm, or auto (vllm when installed and a GPU is present)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Weights' dtype: auto = bf16 on GPUs and CPUs with native bf16, else fp32."""
+    system: str | None = None
+    """System prompt added to records that have none (deployment rules, say)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be ≥ 1")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+    def sampling(self, n: int) -> Sampling:
+        return Sampling(n, self.temperature, self.top_p, self.max_new_tokens, self.seed)
+
+
+@dataclass
+class GenerateConfig(GenerationKeys):
+    """Generate responses for {id, prompt} or {id, messages} records."""
+
+    model: str = "default"
+    """Policy: hub id, local folder or 'default'."""
+    input: str = ""
+    """JSONL of {id, prompt} or {id, messages} (other fields are carried through)."""
+    output: str = ""
+    """JSONL written: each input record plus `response` (n = 1) or `responses`, and `response_tokens`."""
+    n: int = 1
+    """Samples per prompt."""
     resume: bool = True
     """Append to an existing output and skip ids already there (false: start the output afresh)."""
 
     def __post_init__(self) -> None:
-        if self.n < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("n, max_new_tokens and batch_size must be ≥ 1")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-
-    def sampling(self) -> Sampling:
-        return Sampling(self.n, self.temperature, self.top_p, self.max_new_tokens, self.seed)
+        super().__post_init__()
+        if self.n < 1:
+            raise ValueError("n must be ≥ 1")
 
 
 def read_prompts(source: str, system: str | None = None) -> list[tuple[dict, Request]]:
@@ -408,7 +413,7 @@ def run(cfg: GenerateConfig) -> dict:
     torch.manual_seed(cfg.seed)
     backend = make_backend(cfg.backend, cfg.model, cfg.precision, cfg.batch_size)
     t0 = time.perf_counter()
-    tokens = run_generation(backend, pending, cfg.sampling(), out)
+    tokens = run_generation(backend, pending, cfg.sampling(cfg.n), out)
     dt = time.perf_counter() - t0
     return {
         "output": os.fspath(out),

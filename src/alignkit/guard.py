@@ -319,10 +319,9 @@ class GuardScoreConfig:
 
 def score(cfg: GuardScoreConfig, judge: Any = None) -> dict:
     import json
-    import os
 
     from .config import load
-    from .data import read_records
+    from .data import read_records, write_atomic
 
     if not cfg.input or not cfg.output:
         raise DataError("guard score", None, "input/output", "both --in and --out are needed")
@@ -342,21 +341,19 @@ def score(cfg: GuardScoreConfig, judge: Any = None) -> dict:
     results = pipe.check_many(cfg.stage, prompts, responses)
     if cfg.stage == "output":  # both scores for every record, whatever stopped the checks early
         refusal, harm = judge.refusal(prompts, responses), judge.harm(prompts, responses)
+    rows = []
+    for k, ((_, rec), res) in enumerate(zip(records, results, strict=True)):
+        row = {
+            **rec,
+            "flagged": res.flagged,
+            "score": res.score,
+            "verdicts": [v.as_dict() for v in res.verdicts],
+        }
+        if cfg.stage == "output":
+            row["refusal"], row["harm"] = refusal[k], harm[k]
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
     out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        for k, ((_, rec), res) in enumerate(zip(records, results, strict=True)):
-            row = {
-                **rec,
-                "flagged": res.flagged,
-                "score": res.score,
-                "verdicts": [v.as_dict() for v in res.verdicts],
-            }
-            if cfg.stage == "output":
-                row["refusal"], row["harm"] = refusal[k], harm[k]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    write_atomic(out, "".join(rows))
     return {
         "output": str(out),
         "records": len(results),

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .data import DataError
-from .generate import Backend, Request, Sampling, as_messages, done_ids, make_backend, run_generation
+from .data import DataError, write_atomic
+from .generate import (
+    Backend,
+    GenerationKeys,
+    Request,
+    Sampling,
+    as_messages,
+    done_ids,
+    make_backend,
+    run_generation,
+)
 from .judges import Judge, load_labelled, make_judge, validate
 from .probes import Probe, load_packs
 from .stats import rate, wilson
@@ -46,7 +54,7 @@ class JudgeSettings:
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(GenerationKeys):
     """Probe a model with adversarial and benign packs."""
 
     model: str = "default"
@@ -60,34 +68,18 @@ class ProbeConfig:
     """Name of this run in comparisons and reports (default: the folder's name)."""
     samples: int = 1
     """Responses per probe; with more than one, P(harmful) is also estimated per prompt."""
-    temperature: float = 0.7
-    """Sampling temperature (0: greedy)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
     max_new_tokens: int = 160
     """Cap on each response's length."""
-    seed: int = 0
-    """Sampling seed."""
-    batch_size: int = 16
-    """Sequences generated together."""
-    backend: Literal["auto", "hf", "vllm"] = "auto"
-    """Generation backend."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Weights' dtype for generation: auto = bf16 on GPUs and CPUs with native bf16, else fp32."""
-    system: str | None = None
-    """System prompt given with every probe (deployment rules, say)."""
     limit: int | None = None
     """At most this many probes per family (quick runs); the first ones in pack order."""
     judge: JudgeSettings = field(default_factory=JudgeSettings)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.packs:
             raise ValueError("packs must name at least one pack")
         if self.samples < 1:
             raise ValueError("samples must be ≥ 1")
-
-    def sampling(self) -> Sampling:
-        return Sampling(self.samples, self.temperature, self.top_p, self.max_new_tokens, self.seed)
 
 
 # ---------------------------------------------------------------- generation
@@ -288,12 +280,6 @@ def corrections_from(validation: dict, by_harm: bool) -> dict:
     return {k: v for k, v in out.items() if _usable(v)}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run(cfg: ProbeConfig, backend: Backend | None = None) -> dict:
     probes = load_packs(cfg.packs)
     if cfg.limit is not None:  # the first `limit` probes of each family
@@ -314,7 +300,7 @@ def run(cfg: ProbeConfig, backend: Backend | None = None) -> dict:
     elif j.harm != "none":
         harm = make_judge(j.harm, model=j.llm_model, url=j.llm_url, api_key_env=j.llm_api_key_env)
     backend = backend or make_backend(cfg.backend, cfg.model, cfg.precision, cfg.batch_size)
-    gens = generate_all(backend, probes, cfg.sampling(), out / "generations.jsonl", cfg.system)
+    gens = generate_all(backend, probes, cfg.sampling(cfg.samples), out / "generations.jsonl", cfg.system)
     results = judge_all(probes, gens, refusal, harm, j.threshold)
     validation = {}
     if j.validation != "none":
@@ -335,8 +321,8 @@ def run(cfg: ProbeConfig, backend: Backend | None = None) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **summarize(results, corrections_from(validation, harm is not None), j.threshold),
     }
-    _write_atomic(out / "results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(out / "results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return {"output_dir": str(out), "probes": len(probes), "overall": summary["overall"]}
 
 
@@ -371,5 +357,5 @@ def compare(cfg: CompareConfig) -> None:
         lines.append(f"| {fam} | {names.get(metric, metric)} | " + " | ".join(shown) + " |")
     table = "\n".join(lines) + "\n"
     if cfg.output:
-        _write_atomic(Path(cfg.output), table)
+        write_atomic(Path(cfg.output), table)
     print(table, end="")

@@ -8,11 +8,11 @@ reply as chosen and the reply to a different conversation as rejected, so the RM
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as cfglib
+from .data import write_atomic
 from .sources import sharegpt_pairs
 
 
@@ -50,9 +50,7 @@ def write_data(out: Path, n: int) -> tuple[Path, Path]:
     ]
     for name, records in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
         # every process may write: same bytes, each through its own temp file and an atomic rename
-        tmp = out / f".{name}.{os.getpid()}"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, out / name)
+        write_atomic(out / name, "".join(json.dumps(r) + "\n" for r in records))
     return out / "sft.jsonl", out / "pairs.jsonl"
 
 

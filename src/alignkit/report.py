@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any
 
-from .data import DataError, read_records
+from .data import DataError, read_records, write_atomic
 
 # summary.json rate keys → how the report names them (all three: lower is better)
 RATES = {"harmful_compliance": "attack success", "benign_refusal": "over-refusal", "sycophancy_flip": "flips"}
@@ -463,22 +461,6 @@ def html_page(title: str, runs: list[dict], curves: dict) -> str:
 
 
 # ---------------------------------------------------------------- job
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder and os.replace it, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run(cfg: ReportConfig) -> dict:
