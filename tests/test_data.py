@@ -195,3 +195,15 @@ def test_batch_order_is_a_pure_function_of_seed_and_epoch(group):
     flat = [i for b in batches for i in b]
     assert len(batches) == 50 // 8 and all(len(b) == 8 for b in batches)  # full batches only
     assert len(set(flat)) == len(flat)  # no example twice in an epoch
+
+
+def test_quickstart_data_written_whole(tmp_path):
+    import json
+
+    from alignkit.quickstart import write_data
+
+    sft, pairs = write_data(tmp_path, 12)
+    rows = [json.loads(x) for x in sft.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["prompt"] and r["completion"] for r in rows)
+    assert len(pairs.read_text().splitlines()) == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl", "sft.jsonl"]  # no temp files left
