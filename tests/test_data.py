@@ -41,6 +41,12 @@ def test_read_records_keeps_file_line_numbers(tmp_path):
     assert read_records(str(f)) == [(1, {"a": 1}), (4, {"a": 2})]
 
 
+def test_read_records_keeps_unicode_line_separators_inside_strings(tmp_path):
+    f = tmp_path / "d.jsonl"  # U+2028/U+0085 are line breaks to str.splitlines, not to JSON Lines
+    f.write_text('{"a": "x\u2028y"}\n{"a": "z\u0085w"}\n', encoding="utf-8")
+    assert read_records(str(f)) == [(1, {"a": "x\u2028y"}), (2, {"a": "z\u0085w"})]
+
+
 @pytest.mark.parametrize(
     ("content", "where"),
     [

@@ -23,6 +23,12 @@ JOBS = {
     "probe compare": ("probe", "CompareConfig", "put probe runs side by side"),
     "judge eval": ("judges", "JudgeEvalConfig", "measure a judge on labelled responses"),
     "guard score": ("guard", "GuardScoreConfig", "run the guard's input or output checks over JSONL records"),
+    "guard train": (
+        "classifiers",
+        "GuardTrainConfig",
+        "train a calibrated guard classifier on labelled JSONL",
+    ),
+    "serve": ("serve", "ServeConfig", "an OpenAI-compatible chat server with the guard around every call"),
     "report": (
         "report",
         "ReportConfig",
@@ -36,6 +42,7 @@ ENTRY = {
     "probe compare": "compare",
     "judge eval": "evaluate",
     "guard score": "score",
+    "guard train": "train",
 }
 # flags that stand for keys: flag → (key, repeatable)
 FLAGS = {
@@ -48,6 +55,7 @@ FLAGS = {
     "train_dirs": ("train", True),
     "stage": ("stage", False),
     "guard_file": ("guard", False),
+    "data": ("data", False),
 }
 
 
@@ -102,13 +110,19 @@ def parser() -> argparse.ArgumentParser:
     judge = sub.add_parser("judge", help="judges: eval", description="Judges of responses.")
     judge_sub = judge.add_subparsers(title="commands", metavar="<command>")
     _job_parser(judge_sub, "judge eval", *JOBS["judge eval"])
-    guard = sub.add_parser("guard", help="guardrails: score", description="Inference-time guardrails.")
+    guard = sub.add_parser("guard", help="guardrails: score, train", description="Inference-time guardrails.")
     guard_sub = guard.add_subparsers(title="commands", metavar="<command>")
     gs = _job_parser(guard_sub, "guard score", *JOBS["guard score"])
     gs.add_argument("--stage", help="input or output (same as stage=...)")
     gs.add_argument("--guard", dest="guard_file", help="guard YAML (same as guard=...)")
     gs.add_argument("--in", dest="inp", help="input JSONL (same as input=...)")
     gs.add_argument("--out", help="output JSONL (same as output=...)")
+    gt = _job_parser(guard_sub, "guard train", *JOBS["guard train"])
+    gt.add_argument("--data", help="labelled JSONL (same as data=...)")
+    gt.add_argument("--out", help="classifier folder (same as output=...)")
+    serve = _job_parser(sub, "serve", *JOBS["serve"])
+    serve.add_argument("--model", help="local model, or the upstream's model name (same as model=...)")
+    serve.add_argument("--guard", dest="guard_file", help="guard YAML (same as guard=...)")
     models = sub.add_parser("models", help="manage models: prepare", description="Models.")
     msub = models.add_subparsers(title="commands", metavar="<command>")
     prep = msub.add_parser(

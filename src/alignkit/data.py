@@ -64,7 +64,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(str(path), line, None, f"not UTF-8 (byte {raw[e.start]:#04x})") from None
     n = 0
-    for i, line in enumerate(text.splitlines(), 1):
+    # JSON Lines ends lines at \n only: str.splitlines would also split at U+2028 and friends inside strings
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -263,7 +263,138 @@ class Pipeline:
             res.blocked, res.text = True, self.refusal_text
 
 
+# ---------------------------------------------------------------- refusal check
+@dataclass
+class RefusalCheck:
+    """Output check that flags a refusal of a benign request (category over_refusal) and compliance
+    with a harmful one (harmful_compliance). With r = P(refusal) and q = P(harmful request), its score is
+    max(r·(1−q), (1−r)·q): the chance that the reply took the wrong side, as if r and q were independent."""
+
+    name: str
+    refusal: Callable[[list[str], list[str]], Sequence[float]]
+    request: Callable[[list[str], list[str]], Sequence[float]] | None
+    threshold: float = 0.5
+    request_threshold: float = 0.5
+    stage: Stage = "output"
+    action: Action = "flag"
+
+    def check(self, prompt: str, response: str | None) -> Verdict:
+        return self.check_batch([prompt], [response])[0]
+
+    def check_batch(self, prompts: list[str], responses: list[str | None]) -> list[Verdict]:
+        texts = [r or "" for r in responses]
+        rs = list(self.refusal(prompts, texts))
+        qs = list(self.request(prompts, prompts)) if self.request else [0.0] * len(prompts)
+        out = []
+        for r, q in zip(rs, qs, strict=True):
+            refused, harmful = r >= self.threshold, q >= self.request_threshold
+            score = max(r * (1 - q), (1 - r) * q)
+            if refused and not harmful:
+                out.append(
+                    Verdict(self.name, True, score, "over_refusal", f"refusal {r:.3f}, request {q:.3f}")
+                )
+            elif harmful and not refused:
+                out.append(
+                    Verdict(self.name, True, score, "harmful_compliance", f"refusal {r:.3f}, request {q:.3f}")
+                )
+            else:
+                out.append(Verdict(self.name, False, score, None, f"refusal {r:.3f}, request {q:.3f}"))
+        return out
+
+
+# ---------------------------------------------------------------- adapters
+class HFSequenceScorer:
+    """Any transformers sequence-classification model (a Prompt Guard–style classifier, say) as a scorer:
+    the probability of `label` (default: the last class of a two-class model), or 1 − P(X) for "!X"."""
+
+    def __init__(self, path: str, label: str | None = None, max_length: int = 512):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+        names = {v.lower(): int(k) for k, v in self.model.config.id2label.items()}
+        self.negate = bool(label and label.startswith("!"))
+        want = (label or "").lstrip("!").lower()
+        if want and want not in names:
+            raise DataError(path, None, "label", f"{want!r} is not a class (classes: {', '.join(names)})")
+        if not want and len(names) != 2:
+            raise DataError(path, None, "label", f"{len(names)} classes: name the unsafe one (hf:DIR:LABEL)")
+        self.index = names[want] if want else 1
+        self.max_length = max_length
+
+    def __call__(self, prompts: list[str], texts: list[str]) -> list[float]:
+        import torch
+
+        enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            p = self.model(**enc).logits.float().softmax(-1)[:, self.index]
+        return (1 - p if self.negate else p).tolist()
+
+
+_LOADED: dict[str, Any] = {}
+
+
+def make_scorer(spec: str, label: str | None = None) -> tuple[Callable, float]:
+    """(score function, its own threshold) for a classifier spec (see CheckSpec.classifier)."""
+    key = f"{spec}|{label}"
+    if key in _LOADED:
+        return _LOADED[key]
+    if spec.startswith("hf:"):
+        out = (HFSequenceScorer(spec[3:], label), 0.5)
+    elif spec.startswith("llamaguard:"):
+        target = spec[len("llamaguard:") :]
+        url = target if target.startswith(("http://", "https://")) else None
+        judge = make_judge("llm", model=(label or target) if url else target, url=url)
+        out = (judge.harm, 0.5)
+    elif spec.startswith("judge:"):
+        kind, _, head = spec[6:].partition("-")
+        if head not in ("refusal", "harm"):
+            raise DataError(spec, None, "classifier", "expected judge:KIND-refusal or judge:KIND-harm")
+        out = (getattr(make_judge(kind), head), 0.5)
+    else:
+        from . import classifiers
+
+        clf = classifiers.load(spec)
+        out = (clf.score, clf.threshold)
+    _LOADED[key] = out
+    return out
+
+
 # ---------------------------------------------------------------- config
+@dataclass
+class CheckSpec:
+    """One classifier check of the pipeline."""
+
+    name: str = ""
+    """Verdict name (and category)."""
+    stage: Literal["input", "output"] = "input"
+    """input: judges the prompt; output: judges the response (to its prompt)."""
+    action: Literal["block", "flag"] = "block"
+    """block: replace with the refusal text and stop; flag: pass and log."""
+    classifier: str = ""
+    """default:NAME (shipped: jailbreak, harmful_request, refusal, output_harm), a folder written by
+    `alignkit guard train`, hf:MODEL_DIR (a sequence-classification model; `label` names the unsafe
+    class, or !SAFE for 1 − P(SAFE)), llamaguard:MODEL_DIR or llamaguard:URL (a Llama Guard–style
+    generative judge over the S1–S14 hazards; `label` is the endpoint's model name), or
+    judge:learned-refusal / judge:learned-harm / judge:regex-refusal (the probe judges)."""
+    threshold: float | None = None
+    """Flag at score ≥ this; null: the classifier's own calibrated threshold (0.5 for adapters)."""
+    label: str | None = None
+    """hf: the unsafe class; llamaguard:URL: the model name."""
+    request: str | None = None
+    """Output checks only: a request classifier. The check then flags refusals of benign requests
+    (over_refusal) and compliance with harmful ones (harmful_compliance) instead of high scores."""
+
+
+DEFAULT_CHECKS = [
+    CheckSpec("jailbreak", "input", "block", "default:jailbreak"),
+    CheckSpec("harmful_request", "input", "block", "default:harmful_request"),
+    CheckSpec("output_harm", "output", "block", "default:output_harm"),
+    CheckSpec("refusal", "output", "flag", "default:refusal", request="default:harmful_request"),
+]
+
+
 @dataclass
 class GuardConfig:
     """A guard pipeline (the YAML of `--guard`)."""
@@ -275,31 +406,58 @@ class GuardConfig:
     rules_file: str | None = None
     """YAML file `{rules: [...]}` injected into the system prompt; null for none."""
     patterns: list[str] = field(default_factory=lambda: list(PATTERN_GROUPS))
-    """Built-in pattern groups the input check blocks on (prompt_injection, jailbreak); empty for none."""
-    refusal_threshold: float = 0.5
-    """Refusal score at or above which a response is flagged as a possible over-refusal (never blocked)."""
-    harm_threshold: float = 0.5
-    """Harm score at or above which a response is blocked."""
-    judge: Literal["regex", "learned"] = "learned"
-    """Refusal/harm judge of the output checks (regex gives no harm scores, so nothing is blocked for harm)."""
+    """Built-in pattern groups the first input check blocks on (prompt_injection, jailbreak); [] for none."""
+    checks: list[CheckSpec] = field(default_factory=lambda: [dataclasses.replace(c) for c in DEFAULT_CHECKS])
+    """Classifier checks, run in order within each stage (list of CheckSpec mappings)."""
 
     def __post_init__(self):
         if unknown := [g for g in self.patterns if g not in PATTERN_GROUPS]:
             raise ValueError(f"patterns: unknown group(s) {unknown} (known: {', '.join(PATTERN_GROUPS)})")
-        if bad := [k for k in ("refusal_threshold", "harm_threshold") if not 0 <= getattr(self, k) <= 1]:
-            raise ValueError(f"{', '.join(bad)}: must be in [0, 1]")
+        for i, c in enumerate(self.checks):
+            if not c.name or not c.classifier:
+                raise ValueError(f"checks[{i}]: name and classifier are required")
+            if c.threshold is not None and not 0 <= c.threshold <= 1:
+                raise ValueError(f"checks[{i}].threshold: must be in [0, 1]")
+            if c.request and c.stage != "output":
+                raise ValueError(f"checks[{i}].request: only output checks take a request classifier")
 
 
-def build_pipeline(cfg: GuardConfig, judge: Any = None) -> Pipeline:
-    """Input pattern block, output harm block, output over-refusal flag, from `judge` (or cfg.judge)."""
-    judge = judge if judge is not None else make_judge(cfg.judge)
+def build_pipeline(cfg: GuardConfig, scorers: dict[str, Callable] | None = None) -> Pipeline:
+    """Patterns, then cfg.checks in order. `scorers` maps a classifier spec to a score function to use
+    instead of loading it (tests; an already-loaded model); their threshold is 0.5 unless set."""
+    scorers = scorers or {}
+
+    def scorer(spec: str, label: str | None) -> tuple[Callable, float]:
+        return (scorers[spec], 0.5) if spec in scorers else make_scorer(spec, label)
+
     groups = {g: PATTERN_GROUPS[g] for g in cfg.patterns}
     checks: list[Check] = [PatternCheck("patterns", "input", "block", groups)] if groups else []
-    checks.append(ScoreCheck("harm", "output", "block", judge.harm, cfg.harm_threshold, "harm"))
-    # a refusal may be of a benign request: a signal to review, not a reason to withhold the reply
-    checks.append(ScoreCheck("over_refusal", "output", "flag", judge.refusal, cfg.refusal_threshold))
+    for c in cfg.checks:
+        fn, own = scorer(c.classifier, c.label)
+        threshold = own if c.threshold is None else c.threshold
+        if c.request:
+            req, req_t = scorer(c.request, None)
+            checks.append(RefusalCheck(c.name, fn, req, threshold, req_t, action=c.action))
+        else:
+            checks.append(ScoreCheck(c.name, c.stage, c.action, fn, threshold, c.name))
     context = ContextRules.load(cfg.rules_file) if cfg.rules_file else None
     return Pipeline(checks, context, cfg.fail_closed, cfg.refusal_text)
+
+
+def output_scores(
+    pipe: Pipeline, prompts: list[str], responses: list[str]
+) -> tuple[list | None, list | None]:
+    """P(refusal) from the first refusal check and P(harm) from the first blocking output score check
+    (None where the pipeline has no such check)."""
+    ref = next((c for c in pipe.checks if isinstance(c, RefusalCheck)), None)
+    harm = next(
+        (c for c in pipe.checks if isinstance(c, ScoreCheck) and c.stage == "output" and c.action == "block"),
+        None,
+    )
+    return (
+        [float(x) for x in ref.refusal(prompts, responses)] if ref else None,
+        [float(x) for x in harm.score(prompts, responses)] if harm else None,
+    )
 
 
 # ---------------------------------------------------------------- `alignkit guard score`
@@ -317,7 +475,7 @@ class GuardScoreConfig:
     """JSONL written: each record plus flagged, score, verdicts (and refusal, harm for the output stage)."""
 
 
-def score(cfg: GuardScoreConfig, judge: Any = None) -> dict:
+def score(cfg: GuardScoreConfig, scorers: dict[str, Callable] | None = None) -> dict:
     import json
 
     from .config import load
@@ -334,13 +492,12 @@ def score(cfg: GuardScoreConfig, judge: Any = None) -> dict:
             if key != "id" and not isinstance(rec[key], str):
                 raise DataError(cfg.input, line, key, "must be a string")
     gcfg = load(GuardConfig, cfg.guard) if cfg.guard else GuardConfig()
-    judge = judge if judge is not None else make_judge(gcfg.judge)
-    pipe = build_pipeline(gcfg, judge)
+    pipe = build_pipeline(gcfg, scorers)
     prompts = [r["prompt"] for _, r in records]
     responses = [r["response"] for _, r in records] if cfg.stage == "output" else None
     results = pipe.check_many(cfg.stage, prompts, responses)
     if cfg.stage == "output":  # both scores for every record, whatever stopped the checks early
-        refusal, harm = judge.refusal(prompts, responses), judge.harm(prompts, responses)
+        refusal, harm = output_scores(pipe, prompts, responses)
     rows = []
     for k, ((_, rec), res) in enumerate(zip(records, results, strict=True)):
         row = {
@@ -350,7 +507,7 @@ def score(cfg: GuardScoreConfig, judge: Any = None) -> dict:
             "verdicts": [v.as_dict() for v in res.verdicts],
         }
         if cfg.stage == "output":
-            row["refusal"], row["harm"] = refusal[k], harm[k]
+            row["refusal"], row["harm"] = refusal[k] if refusal else None, harm[k] if harm else None
         rows.append(json.dumps(row, ensure_ascii=False) + "\n")
     out = Path(cfg.output)
     write_atomic(out, "".join(rows))

@@ -91,7 +91,7 @@ def load_labelled(spec: str) -> list[Labelled]:
         raise DataError(str(path), None, None, "no such file") from None
     if path.suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     rows.append((i, json.loads(line)))

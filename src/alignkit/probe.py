@@ -73,6 +73,10 @@ class ProbeConfig(GenerationKeys):
     limit: int | None = None
     """At most this many probes per family (quick runs); the first ones in pack order."""
     judge: JudgeSettings = field(default_factory=JudgeSettings)
+    guard: str | None = None
+    """Put the guard in front of the model: 'default' or a guard YAML (GuardConfig keys). Prompts its
+    input checks block are answered with its refusal text without calling the model; its rules go into
+    the system prompt; responses its output checks block are replaced by the refusal text."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,12 +102,18 @@ def answer_correct(text: str, probe: Probe) -> bool:
 
 
 def generate_all(
-    backend: Backend, probes: list[Probe], sampling: Sampling, path: Path, system: str | None
+    backend: Backend, probes: list[Probe], sampling: Sampling, path: Path, system: str | None, rules=None
 ) -> dict:
     """Responses for every probe, appended to `path` (resumable). Sycophancy probes take two rounds:
-    the question, then the user's pushback on each of the model's own answers that was right."""
+    the question, then the user's pushback on each of the model's own answers that was right. `rules`
+    (guard.ContextRules) are added to the system prompt."""
+    from .guard import inject
+
+    def msgs_of(prompt) -> list:
+        return inject(as_messages(prompt, system), rules) if rules else as_messages(prompt, system)
+
     done = done_ids(path)
-    first = [({"id": p.id}, Request(p.id, as_messages(p.prompt, system))) for p in probes if p.id not in done]
+    first = [({"id": p.id}, Request(p.id, msgs_of(p.prompt))) for p in probes if p.id not in done]
     run_generation(backend, first, sampling, path, desc="probe")
     gens = _read(path)
     second = []
@@ -114,7 +124,7 @@ def generate_all(
         for s, answer in enumerate(_responses(gens[p.id])):
             key = f"{p.id}#pushback{s}"
             if key not in gens and answer_correct(answer, p):  # flips are counted on right answers only
-                msgs = as_messages(p.question, system) + [
+                msgs = msgs_of(p.question) + [
                     {"role": "assistant", "content": answer},
                     {"role": "user", "content": p.pushback},
                 ]
@@ -137,6 +147,64 @@ def _responses(rec: dict) -> list[str]:
 def _tokens(rec: dict) -> list[int]:
     t = rec["response_tokens"]
     return t if isinstance(t, list) else [t]
+
+
+# ---------------------------------------------------------------- guard in front of the model
+def guard_pipeline(spec: str | None):
+    """None, or the guard pipeline of 'default' / a guard YAML."""
+    if not spec:
+        return None
+    from .config import load
+    from .guard import GuardConfig, build_pipeline
+
+    return build_pipeline(GuardConfig() if spec == "default" else load(GuardConfig, spec))
+
+
+def _last_user(prompt) -> str:
+    return (
+        prompt
+        if isinstance(prompt, str)
+        else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    )
+
+
+def guard_inputs(pipe, probes: list[Probe]) -> dict:
+    """probe id → the input stage's result, for the probes it blocked."""
+    texts = [_last_user(p.question or p.prompt) for p in probes]
+    return {p.id: r for p, r in zip(probes, pipe.check_many("input", texts), strict=True) if r.blocked}
+
+
+def guard_outputs(pipe, probes: list[Probe], gens: dict, blocked: dict, n: int) -> dict:
+    """Answer blocked prompts with the refusal text, run the output checks over every response and
+    replace the ones they block; each generation record gets a `guard` list (one entry per sample)."""
+    todo = [p for p in probes if p.id not in blocked]
+    prompts = [_last_user(p.question or p.prompt) for p in todo for _ in _responses(gens[p.id])]
+    responses = [r for p in todo for r in _responses(gens[p.id])]
+    results = iter(pipe.check_many("output", prompts, responses))
+    stats = {"input_blocked": len(blocked), "output_blocked": 0, "output_flagged": 0, "responses": 0}
+    for p in probes:
+        if p.id in blocked:
+            v = [x.as_dict() for x in blocked[p.id].verdicts]
+            gens[p.id] = {
+                "id": p.id,
+                "responses": [pipe.refusal_text] * n,
+                "response_tokens": [0] * n,
+                "guard": [{"stage": "input", "blocked": True, "verdicts": v}] * n,
+            }
+            continue
+        rec, outs, marks = gens[p.id], [], []
+        for _ in _responses(rec):
+            res = next(results)
+            outs.append(res.text)
+            marks.append(
+                {"stage": "output", "blocked": res.blocked, "verdicts": [x.as_dict() for x in res.verdicts]}
+            )
+            stats["output_blocked"] += res.blocked
+            stats["output_flagged"] += res.flagged
+        stats["responses"] += len(outs)
+        gens[p.id] = {**rec, "responses": outs, "response_tokens": _tokens(rec), "guard": marks}
+        gens[p.id].pop("response", None)
+    return stats
 
 
 # ---------------------------------------------------------------- judging and counting
@@ -300,8 +368,21 @@ def run(cfg: ProbeConfig, backend: Backend | None = None) -> dict:
     elif j.harm != "none":
         harm = make_judge(j.harm, model=j.llm_model, url=j.llm_url, api_key_env=j.llm_api_key_env)
     backend = backend or make_backend(cfg.backend, cfg.model, cfg.precision, cfg.batch_size)
-    gens = generate_all(backend, probes, cfg.sampling(cfg.samples), out / "generations.jsonl", cfg.system)
+    pipe = guard_pipeline(cfg.guard)
+    blocked = guard_inputs(pipe, probes) if pipe else {}
+    gens = generate_all(
+        backend,
+        [p for p in probes if p.id not in blocked],
+        cfg.sampling(cfg.samples),
+        out / "generations.jsonl",
+        cfg.system,
+        pipe.context if pipe else None,
+    )
+    guard_stats = guard_outputs(pipe, probes, gens, blocked, cfg.samples) if pipe else None
     results = judge_all(probes, gens, refusal, harm, j.threshold)
+    if pipe:
+        for r in results:
+            r["guard"] = gens[r["id"]]["guard"]
     validation = {}
     if j.validation != "none":
         labelled = load_labelled(j.validation)
@@ -311,7 +392,8 @@ def run(cfg: ProbeConfig, backend: Backend | None = None) -> dict:
     summary = {
         "label": cfg.label or out.resolve().name,
         "model": cfg.model,
-        "guard": None,
+        "guard": cfg.guard,
+        "guard_stats": guard_stats,
         "packs": cfg.packs,
         "samples": cfg.samples,
         "temperature": cfg.temperature,

@@ -1,0 +1,493 @@
+"""`alignkit serve`: an OpenAI-compatible chat endpoint with the guard pipeline around every call.
+
+Per request: the input checks judge the last user message (blocked: the refusal comes back with
+finish_reason "content_filter" and the model is never called); the deployment rules are injected into the
+system prompt; a local transformers model or an upstream OpenAI-compatible endpoint answers; the output
+checks judge the answer. Streaming holds text back: a piece reaches the client only after an output check
+of all the text up to it passed (one check per `stream_check_chars` new characters, and one at the end).
+FastAPI, uvicorn, httpx and prometheus_client are imported when a server is built, so the CLI works
+without them.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures, whose types are imported
+# inside create_app.
+import hmac
+import itertools
+import json
+import logging
+import logging.handlers
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .config import ConfigError, load
+from .generate import HFBackend, Sampling
+from .guard import GuardConfig, GuardResult, Pipeline, build_pipeline, inject
+
+Piece = tuple[str, str | None]  # (new text, finish reason: None until the last piece)
+REFUSAL_CHECK = "over_refusal"  # a flag by this check (its name or category) counts as a refusal
+ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/guard/check", "/metrics", "/healthz")
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class ServeConfig:
+    """Serve a chat model, or guard an upstream endpoint, behind the guard pipeline."""
+
+    model: str = "default"
+    """Local model (hub id, folder or 'default'); with `upstream`, the model name asked of the upstream."""
+    upstream: str | None = None
+    """Base URL of an OpenAI-compatible endpoint to guard instead of a local model (http://host:8001/v1)."""
+    upstream_key_env: str = "UPSTREAM_API_KEY"
+    """Environment variable holding the upstream's API key (unset: no key is sent)."""
+    upstream_timeout: float = 60.0
+    """Seconds to wait on the upstream (to connect, and between streamed bytes) before answering 504."""
+    guard: str | None = None
+    """Guard YAML (GuardConfig keys); unset: the default guard."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0: every interface)."""
+    port: int = 8000
+    """Port to listen on."""
+    api_key_env: str = "ALIGNKIT_API_KEY"
+    """Environment variable holding the key clients must send as `Authorization: Bearer <key>`; unset or
+    empty: no auth. /healthz is always open."""
+    max_body_bytes: int = 1_000_000
+    """Larger request bodies are refused with 413 before they are parsed."""
+    max_prompt_tokens: int = 4096
+    """Longer prompts (chat template included) are refused with 422; local model only."""
+    max_new_tokens: int = 512
+    """Cap on, and default of, a request's max_tokens."""
+    temperature: float = 0.7
+    """Sampling temperature of requests that set none; 0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass of requests that set none."""
+    stream_check_chars: int = 200
+    """While streaming, the output checks run every this many new characters and at the end; text is
+    released to the client only after a check of everything up to it passed."""
+    log_file: str = "runs/serve/flagged.jsonl"
+    """JSON-lines log of flagged and blocked events, rotated; empty: no log."""
+    log_max_bytes: int = 10_000_000
+    """Size at which the flagged log rotates."""
+    log_backups: int = 3
+    """Rotated flagged logs kept (flagged.jsonl.1, ...)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Local weights' dtype: auto = bf16 on GPUs and CPUs with native bf16, else fp32."""
+
+    def __post_init__(self) -> None:
+        if self.upstream and self.model == "default":
+            raise ValueError("with upstream set, model must name the upstream's model")
+        if min(self.max_body_bytes, self.max_prompt_tokens, self.max_new_tokens, self.stream_check_chars) < 1:
+            raise ValueError("max_body_bytes, max_prompt_tokens, max_new_tokens, stream_check_chars: ≥ 1")
+        if not (0 <= self.port <= 65535 and self.upstream_timeout > 0 and 0 < self.top_p <= 1):
+            raise ValueError("port must be in 0..65535, upstream_timeout > 0, top_p in (0, 1]")
+
+
+class ApiError(Exception):
+    """An error answered the way OpenAI answers: HTTP `status` and {"error": {message, type, code}}."""
+
+    def __init__(self, status: int, msg: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(msg)
+        self.status, self.body = status, {"error": {"message": msg, "type": kind, "code": code}}
+
+
+# ---------------------------------------------------------------- backends: stream(messages, sampling)
+class LocalModel:
+    """A transformers chat model streamed as text pieces; one generation (and tokenisation) at a time."""
+
+    def __init__(self, hf: HFBackend, max_prompt_tokens: int = 4096):
+        self.hf, self.max_prompt_tokens, self.lock = hf, max_prompt_tokens, threading.Lock()
+
+    def stream(self, messages: list[dict], s: Sampling) -> Iterator[Piece]:
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.hf.tok, skip_prompt=True, skip_special_tokens=True)
+        stop, result = threading.Event(), {}
+
+        class Stop(StoppingCriteria):  # ends generation once the consumer has gone (blocked, disconnected)
+            def __call__(self, input_ids, scores, **kw):
+                return torch.full((input_ids.shape[0],), stop.is_set(), device=input_ids.device)
+
+        def work():
+            try:
+                with self.lock, torch.inference_mode():
+                    ids = self.hf.encode(messages)
+                    if len(ids) > self.max_prompt_tokens:
+                        msg = f"the prompt has {len(ids)} tokens, over max_prompt_tokens={self.max_prompt_tokens}"
+                        raise ApiError(422, msg, code="context_length_exceeded")
+                    if s.seed is not None:
+                        torch.manual_seed(s.seed)
+                    x = torch.tensor([ids], device=self.hf.device)
+                    kw = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
+                    kw = kw if s.temperature > 0 else {"do_sample": False}
+                    kw |= {"max_new_tokens": s.max_new_tokens, "streamer": streamer}
+                    kw["stopping_criteria"] = StoppingCriteriaList([Stop()])
+                    out = self.hf.model.generate(x, attention_mask=torch.ones_like(x), **kw)
+                    result["tokens"] = out.shape[1] - len(ids)
+            except BaseException as e:  # handed to the consumer, whose streamer must not wait forever
+                result["error"] = e
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            yield from ((text, None) for text in streamer if text)
+        finally:
+            stop.set()
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        yield "", "length" if result["tokens"] >= s.max_new_tokens else "stop"
+
+
+class Upstream:
+    """An OpenAI-compatible endpoint, always asked for a stream, so a blocked answer is cut off early."""
+
+    def __init__(self, cfg: ServeConfig):
+        import httpx
+
+        key = os.environ.get(cfg.upstream_key_env, "")
+        self.model, self.timeout = cfg.model, cfg.upstream_timeout
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = httpx.Client(base_url=cfg.upstream or "", timeout=cfg.upstream_timeout, headers=headers)
+
+    def stream(self, messages: list[dict], s: Sampling) -> Iterator[Piece]:
+        import httpx
+
+        body = {"model": self.model, "messages": messages, "stream": True, "max_tokens": s.max_new_tokens}
+        body |= {"temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
+        finish = None
+        try:
+            with self.client.stream("POST", "/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    text = r.read().decode(errors="replace")[:300]
+                    raise ApiError(502, f"upstream answered {r.status_code}: {text}", "upstream_error")
+                for line in r.iter_lines():
+                    data = line[5:].strip() if line.startswith("data:") else ""
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data) if data else {}
+                    if "error" in chunk:
+                        raise ApiError(502, f"upstream error: {chunk['error']}", "upstream_error")
+                    choice = (chunk.get("choices") or [{}])[0]
+                    finish = choice.get("finish_reason") or finish
+                    if text := (choice.get("delta") or {}).get("content"):
+                        yield text, None
+        except httpx.TimeoutException:
+            raise ApiError(504, f"upstream silent for {self.timeout} s", "upstream_timeout") from None
+        except (httpx.HTTPError, ValueError, AttributeError) as e:
+            raise ApiError(502, f"upstream error: {type(e).__name__}: {e}", "upstream_error") from None
+        yield "", finish or "stop"
+
+
+# ---------------------------------------------------------------- the guarded flow
+class Metrics:
+    """Prometheus metrics in the app's own registry, so that several apps in one process don't clash.
+    Refusal rate = alignkit_refusals_total / alignkit_responses_total."""
+
+    def __init__(self):
+        import prometheus_client as prom
+
+        self.registry = r = prom.CollectorRegistry()
+        self.requests = prom.Counter("alignkit_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        hist = prom.Histogram
+        self.request_seconds = hist("alignkit_request_seconds", "To response start", ["endpoint"], registry=r)
+        self.guard_seconds = hist("alignkit_guard_seconds", "One guard stage", ["stage"], registry=r)
+        self.blocks = prom.Counter("alignkit_blocks", "Blocks", ["stage", "category"], registry=r)
+        self.flags = prom.Counter("alignkit_flags", "Flagged verdicts", ["stage", "check"], registry=r)
+        self.responses = prom.Counter("alignkit_responses", "Answers judged by output checks", registry=r)
+        self.refusals = prom.Counter("alignkit_refusals", f"Answers {REFUSAL_CHECK} flagged", registry=r)
+
+
+def _schemas():
+    """Request bodies: the chat.completions fields used (others, e.g. tools, are ignored, as OpenAI
+    ignores unknown ones) and the guard check. Strict: "1" is not a number here."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(strict=True)
+
+    class Message(Strict):
+        role: Literal["system", "developer", "user", "assistant", "tool"]
+        content: str | list[dict] | None = None
+
+    class ChatRequest(Strict):
+        model: str = ""
+        messages: list[Message] = Field(min_length=1)
+        max_tokens: int | None = Field(None, ge=1)
+        max_completion_tokens: int | None = Field(None, ge=1)
+        temperature: float | None = Field(None, ge=0, le=2)
+        top_p: float | None = Field(None, gt=0, le=1)
+        seed: int | None = None
+        stream: bool | None = False
+        n: int = Field(1, ge=1, le=1)
+
+    class GuardCheckRequest(Strict):
+        prompt: str
+        response: str | None = None
+
+    return ChatRequest, GuardCheckRequest
+
+
+def _role(role: str) -> str:
+    return "system" if role == "developer" else role  # OpenAI's newer name; chat templates know "system"
+
+
+def _text(content: str | list[dict] | None) -> str:
+    """A message's text: the string, or the text parts of a list of content parts."""
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+    return content or ""
+
+
+def _flag_log(cfg: ServeConfig) -> logging.Logger | None:
+    if not cfg.log_file:
+        return None
+    Path(cfg.log_file).parent.mkdir(parents=True, exist_ok=True)
+    log = logging.Logger(f"alignkit.serve.flagged:{cfg.log_file}", logging.INFO)  # unregistered: one per app
+    h = logging.handlers.RotatingFileHandler(cfg.log_file, "a", cfg.log_max_bytes, cfg.log_backups, "utf-8")
+    h.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(h)
+    return log
+
+
+class Server:
+    """The guarded chat flow apart from HTTP: chat() returns a JSON body or an iterator of SSE lines."""
+
+    def __init__(self, cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None):
+        if pipeline is None:
+            pipeline = build_pipeline(load(GuardConfig, cfg.guard) if cfg.guard else GuardConfig())
+        if backend is None and cfg.upstream:
+            backend = Upstream(cfg)
+        elif backend is None:
+            backend = LocalModel(HFBackend(cfg.model, cfg.precision, batch_size=1), cfg.max_prompt_tokens)
+        self.cfg, self.pipe, self.backend = cfg, pipeline, backend
+        self.metrics, self.log = Metrics(), _flag_log(cfg)
+        self.model_id = Path(cfg.model).name if os.path.isdir(cfg.model) else cfg.model
+        self.started = int(time.time())
+        self.ChatRequest, self.GuardCheckRequest = _schemas()
+
+    def check(self, rid: str, stage: str, prompt: str, response: str | None = None, final=True):
+        """One guard stage, timed. Final or blocking results count in the metrics and the flagged log
+        (a mid-stream check that passes is not a result yet)."""
+        t0 = time.perf_counter()
+        res = self.pipe.check_input(prompt) if stage == "input" else self.pipe.check_output(prompt, response)
+        self.metrics.guard_seconds.labels(stage).observe(time.perf_counter() - t0)
+        if final or res.blocked:
+            self._record(rid, res, prompt, response)
+        return res
+
+    def _record(self, rid: str, res: GuardResult, prompt: str, response: str | None) -> None:
+        m, flagged = self.metrics, [v for v in res.verdicts if v.flagged]
+        if res.stage == "output":
+            m.responses.inc()
+            if any(REFUSAL_CHECK in (v.name, v.category) for v in flagged):
+                m.refusals.inc()
+        for v in flagged:
+            m.flags.labels(res.stage, v.name).inc()
+        if res.blocked:  # the blocking verdict is the last: a block ends the stage
+            m.blocks.labels(res.stage, res.verdicts[-1].category or res.verdicts[-1].name).inc()
+        if self.log and (flagged or res.blocked):
+            event = {"time": datetime.now(timezone.utc).isoformat(), "request_id": rid, "stage": res.stage}
+            event |= {"blocked": res.blocked, "score": res.score, "prompt": prompt[:500]}
+            event |= {
+                "response": response and response[:500],
+                "verdicts": [v.as_dict() for v in res.verdicts],
+            }
+            self.log.info(json.dumps(event, ensure_ascii=False))
+
+    def guard_check(self, prompt: str, response: str | None) -> dict:
+        rid = f"guard-{uuid.uuid4().hex}"
+        inp = self.check(rid, "input", prompt)
+        out = None if response is None else self.check(rid, "output", prompt, response)
+        both = [r for r in (inp, out) if r is not None]
+        res = {"input": inp.as_dict(), "output": out and out.as_dict()}
+        return res | {"flagged": any(r.flagged for r in both), "blocked": any(r.blocked for r in both)}
+
+    async def chat(self, body) -> dict | Iterator[str]:
+        from starlette.concurrency import run_in_threadpool
+
+        req, cfg, rid = self.ChatRequest.model_validate(body), self.cfg, f"chatcmpl-{uuid.uuid4().hex}"
+        msgs = [{"role": _role(m.role), "content": _text(m.content)} for m in req.messages]
+        prompt = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])
+        # 1. input checks; a blocked prompt never reaches the model
+        inp = await run_in_threadpool(self.check, rid, "input", prompt)
+        if inp.blocked:
+            return self.reply(rid, bool(req.stream), inp.text, "content_filter", {"input": inp.as_dict()})
+        # 2. deployment rules into the system prompt, then generation (CPU-bound: in worker threads)
+        if self.pipe.context is not None:
+            msgs = inject(msgs, self.pipe.context)
+        cap = cfg.max_new_tokens
+        max_tokens = min(req.max_completion_tokens or req.max_tokens or cap, cap)
+        temperature = cfg.temperature if req.temperature is None else req.temperature
+        s = Sampling(1, temperature, cfg.top_p if req.top_p is None else req.top_p, max_tokens, req.seed)
+        pieces = self.backend.stream(msgs, s)
+        first = await run_in_threadpool(next, pieces, ("", "stop"))  # errors before any text get a status
+        if req.stream:
+            return self.sse(rid, prompt, inp, first, pieces)
+        # 3. output checks on the whole answer
+        text, finish = await run_in_threadpool(_collect, first, pieces)
+        out = await run_in_threadpool(self.check, rid, "output", prompt, text)
+        guard = {"input": inp.as_dict(), "output": out.as_dict()}
+        return self.reply(rid, False, out.text, "content_filter" if out.blocked else finish, guard)
+
+    def sse(self, rid: str, prompt: str, inp: GuardResult, first: Piece, rest: Iterator[Piece]):
+        """SSE lines of the answer, each piece released only once an output check of all text up to it
+        passed; a block stops generation and ends the stream with the refusal."""
+        yield self.chunk(rid, {"role": "assistant", "content": ""})
+        text, checked, sent = "", 0, ""
+        try:
+            for delta, finish in itertools.chain([first], rest):
+                text += delta
+                if finish is None and len(text) - checked < self.cfg.stream_check_chars:
+                    continue
+                checked = len(text)
+                out = self.check(rid, "output", prompt, text, final=finish is not None)
+                guard = {"input": inp.as_dict(), "output": out.as_dict()}
+                # a rewrite reaching back into released text cannot be taken back: withhold the rest
+                if out.blocked or not out.text.startswith(sent):
+                    yield self.chunk(rid, {"content": ("\n\n" if sent else "") + self.pipe.refusal_text})
+                    yield self.chunk(rid, {}, "content_filter", guard=guard)
+                    break
+                if len(out.text) > len(sent):
+                    yield self.chunk(rid, {"content": out.text[len(sent) :]})
+                    sent = out.text
+                if finish is not None:
+                    yield self.chunk(rid, {}, finish, guard=guard)
+        except ApiError as e:  # the status line is long gone: the error goes in-band, as OpenAI does
+            yield f"data: {json.dumps(e.body)}\n\n"
+        finally:
+            rest.close()  # stops the local model's generation, or closes the upstream's stream
+        yield DONE
+
+    def reply(self, rid: str, stream: bool, text: str, finish: str, guard: dict) -> dict | Iterator[str]:
+        guard = {"input": None, "output": None} | guard
+        if stream:
+            role = {"role": "assistant", "content": text}
+            return iter([self.chunk(rid, role), self.chunk(rid, {}, finish, guard=guard), DONE])
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        return {**self._head(rid, "chat.completion"), "choices": [choice], "guard": guard}
+
+    def chunk(self, rid: str, delta: dict, finish: str | None = None, **extra) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return f"data: {json.dumps({**self._head(rid, 'chat.completion.chunk'), 'choices': [choice], **extra})}\n\n"
+
+    def _head(self, rid: str, obj: str) -> dict:
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_id}
+
+
+def _collect(first: Piece, rest: Iterator[Piece]) -> tuple[str, str]:
+    text, finish = first
+    for delta, fin in rest:
+        text, finish = text + delta, fin or finish
+    return text, finish or "stop"
+
+
+async def _read_json(request, limit: int):
+    """The body parsed as JSON; 413 past `limit` bytes, by Content-Length and by the bytes read."""
+    too_big = ApiError(413, f"request body over max_body_bytes={limit}", code="request_too_large")
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_big
+    body = b""
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise too_big
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise ApiError(422, f"malformed JSON: {e}", code="invalid_json") from None
+
+
+# ---------------------------------------------------------------- HTTP
+def create_app(cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None):
+    """The FastAPI app; `pipeline` and `backend` (anything with stream(messages, sampling)) for tests."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from pydantic import ValidationError
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    srv = Server(cfg, pipeline, backend)
+    app = FastAPI(title="alignkit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+
+    def error(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body, status_code=e.status)
+
+    def invalid(request, e):
+        why = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:5])
+        return error(ApiError(422, why, code="invalid_request"))
+
+    app.add_exception_handler(ApiError, lambda request, e: error(e))
+    app.add_exception_handler(HTTPException, lambda request, e: error(ApiError(e.status_code, str(e.detail))))
+    app.add_exception_handler(ValidationError, invalid)
+    app.add_exception_handler(RequestValidationError, invalid)
+
+    @app.middleware("http")
+    async def gate(request: Request, call_next):
+        """Auth (a constant-time compare; /healthz open), then request counts and latency by endpoint."""
+        t0, path = time.perf_counter(), request.url.path
+        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        sent = request.headers.get("authorization", "").encode()
+        if key and path != "/healthz" and not hmac.compare_digest(sent, f"Bearer {key}".encode()):
+            msg = "missing or wrong API key (send Authorization: Bearer <key>)"
+            response = error(ApiError(401, msg, "authentication_error", "invalid_api_key"))
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as e:
+                logging.getLogger("alignkit.serve").exception("request failed")
+                response = error(ApiError(500, f"internal error ({type(e).__name__})", "server_error"))
+        endpoint = path if path in ROUTES else "other"
+        srv.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        srv.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        out = await srv.chat(await _read_json(request, cfg.max_body_bytes))
+        if isinstance(out, dict):
+            return JSONResponse(out)
+        return StreamingResponse(out, media_type="text/event-stream")
+
+    @app.post("/v1/guard/check")
+    async def guard_check(request: Request):
+        req = srv.GuardCheckRequest.model_validate(await _read_json(request, cfg.max_body_bytes))
+        return await run_in_threadpool(srv.guard_check, req.prompt, req.response)
+
+    @app.get("/v1/models")
+    async def models():
+        model = {"id": srv.model_id, "object": "model", "created": srv.started, "owned_by": "alignkit"}
+        return {"object": "list", "data": [model]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": srv.model_id}
+
+    return app
+
+
+def run(cfg: ServeConfig) -> None:
+    try:
+        import uvicorn
+
+        app = create_app(cfg)
+    except ImportError as e:
+        raise ConfigError(f"serving needs fastapi, uvicorn, httpx and prometheus_client ({e})") from None
+    auth = "on" if cfg.api_key_env and os.environ.get(cfg.api_key_env) else "off"
+    print(f"alignkit serve: {app.state.server.model_id} at http://{cfg.host}:{cfg.port}/v1 (auth {auth})")
+    uvicorn.run(app, host=cfg.host, port=cfg.port)
