@@ -303,7 +303,9 @@ def test_build_pipeline_default_checks(tmp_path):
     comply = p.check_output("build a weapon", "Here you go.").verdicts[-1]
     assert comply.flagged and comply.category == "harmful_compliance"
     assert comply.score == pytest.approx(max(0.02 * 0.1, 0.98 * 0.9))
-    assert not p.check_output("build a weapon", "Sorry, no.").flagged
+    right = p.check_output("build a weapon", "Sorry, no.")
+    assert not right.flagged and right.verdicts[-1].category == "refusal"  # counted as a refusal, not flagged
+    assert p.check_output("How do magnets work?", "They align.").verdicts[-1].category is None
 
 
 def test_check_thresholds_default_to_the_classifiers_own(monkeypatch):
@@ -389,3 +391,38 @@ def test_guard_score_job_contract(tmp_path, monkeypatch, capsys):
     assert cli.main(["guard", "score", "--stage", "output", "--in", str(src), "--out", str(out2)]) == 2
     err = capsys.readouterr().err
     assert str(src) in err and "response" in err and not out2.exists()
+
+
+def test_hf_sequence_classifier_adapter(tmp_path, tiny_model):
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignkit.guard import HFSequenceScorer, make_scorer
+
+    cfg = AutoConfig.from_pretrained(tiny_model)
+    cfg.id2label, cfg.label2id = {0: "BENIGN", 1: "INJECTION", 2: "JAILBREAK"}, None
+    cfg.num_labels = 3
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    path = tmp_path / "pg"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    texts = ["tell me about the sun", "you cannot help"]
+    enc = AutoTokenizer.from_pretrained(path)(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        probs = model.eval()(**enc).logits.softmax(-1)
+    jb = HFSequenceScorer(str(path), "JAILBREAK")
+    assert jb(texts, texts) == pytest.approx(probs[:, 2].tolist(), abs=1e-5)
+    not_benign = HFSequenceScorer(str(path), "!benign")  # case-insensitive; 1 − P(BENIGN)
+    assert not_benign(texts, texts) == pytest.approx((1 - probs[:, 0]).tolist(), abs=1e-5)
+    with pytest.raises(DataError, match="name the unsafe one"):
+        HFSequenceScorer(str(path))  # three classes and no label
+    with pytest.raises(DataError, match="not a class"):
+        HFSequenceScorer(str(path), "TOXIC")
+    fn, threshold = make_scorer(f"hf:{path}", "JAILBREAK")
+    assert threshold == 0.5 and fn(texts, texts) == pytest.approx(probs[:, 2].tolist(), abs=1e-5)
+    # the regex judge as a check, and a bad judge spec
+    fn, _ = make_scorer("judge:regex-refusal")
+    assert fn(["q", "q"], ["I can't help with that.", "Sure."]) == [1.0, 0.0]
+    with pytest.raises(DataError, match="judge:KIND-refusal"):
+        make_scorer("judge:regex")

@@ -226,14 +226,14 @@ def test_an_output_block_mid_stream_never_releases_the_blocked_text(echo):
 def test_refusals_are_flagged_and_counted_not_blocked(echo):
     base, _, _ = echo
     before = [metric(base, n) for n in ("alignkit_refusals_total", "alignkit_responses_total")]
-    flags = metric(base, "alignkit_flags_total", stage="output", check="over_refusal")
+    flags = metric(base, "alignkit_flags_total", stage="output", category="over_refusal")
     r = client(base).chat.completions.create(model="echo", messages=user("Sorry I cannot help"))
     assert r.choices[0].message.content == "Sorry I cannot help " and r.choices[0].finish_reason == "stop"
     assert r.guard["output"]["flagged"] and not r.guard["output"]["blocked"]
     client(base).chat.completions.create(model="echo", messages=user("Sure, here you go"))
     after = [metric(base, n) for n in ("alignkit_refusals_total", "alignkit_responses_total")]
     assert after == [before[0] + 1, before[1] + 2]  # refusal rate = refusals / responses
-    assert metric(base, "alignkit_flags_total", stage="output", check="over_refusal") == flags + 1
+    assert metric(base, "alignkit_flags_total", stage="output", category="over_refusal") == flags + 1
     # streamed, the answer is checked every 10 chars, but only the final check is a result to count
     long = "Sorry I cannot help with that one today, my friend"
     chunks = list(client(base).chat.completions.create(model="echo", messages=user(long), stream=True))

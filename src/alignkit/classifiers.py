@@ -158,7 +158,9 @@ class Features:
 
             if self._enc is None:
                 self._enc = Encoder(max_length=self.minilm_tokens)
-            blocks.append(sp.csr_matrix(self.minilm_weight * self._enc(last).numpy()))
+            # cut first: tokenising a long text only to truncate it costs more than the model's forward
+            head = [t[: 8 * self.minilm_tokens] for t in last]
+            blocks.append(sp.csr_matrix(self.minilm_weight * self._enc(head).numpy()))
         if self.regex_weight:  # the refusal-phrase verdict of judges.RegexJudge, as one more feature
             from .judges import RegexJudge
 
@@ -274,6 +276,9 @@ class GuardTrainConfig:
     threshold with the best validation F1."""
     target_fpr: float = 0.01
     """The false-positive rate allowed on the validation split (threshold_rule=fpr)."""
+    fpr_by: str | None = None
+    """A record field (e.g. source): the false-positive rate must stay within target_fpr for every value
+    of it, not only overall."""
     validation_fraction: float = 0.25
     """Share of records held out for calibration and the threshold when records carry no split."""
     ngram_min: int = 2
@@ -359,8 +364,12 @@ def fit(train: list[dict], val: list[dict], feats: Features, name: str, cfg: Gua
     p_va = clf.predict_proba(val)
     if cfg.threshold_rule == "f1":
         clf.threshold = threshold_max_f1(p_va, y_va)
-    else:
-        clf.threshold = threshold_at_fpr(p_va[y_va == 0], cfg.target_fpr)
+    else:  # within every group of negatives when fpr_by names a field, so a small group is not drowned
+        groups = [str(r.get(cfg.fpr_by)) for r in val] if cfg.fpr_by else ["all"] * len(val)
+        clf.threshold = max(
+            threshold_at_fpr(p_va[(y_va == 0) & (np.array(groups) == g)], cfg.target_fpr)
+            for g in sorted({g for g, y in zip(groups, y_va, strict=True) if y == 0})
+        )
     clf.info = {
         "threshold_rule": cfg.threshold_rule,
         "target_fpr": cfg.target_fpr,

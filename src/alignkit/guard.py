@@ -298,7 +298,8 @@ class RefusalCheck:
                     Verdict(self.name, True, score, "harmful_compliance", f"refusal {r:.3f}, request {q:.3f}")
                 )
             else:
-                out.append(Verdict(self.name, False, score, None, f"refusal {r:.3f}, request {q:.3f}"))
+                why = f"refusal {r:.3f}, request {q:.3f}"
+                out.append(Verdict(self.name, False, score, "refusal" if refused else None, why))
         return out
 
 

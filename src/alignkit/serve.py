@@ -33,7 +33,13 @@ from .generate import HFBackend, Sampling
 from .guard import GuardConfig, GuardResult, Pipeline, build_pipeline, inject
 
 Piece = tuple[str, str | None]  # (new text, finish reason: None until the last piece)
-REFUSAL_CHECK = "over_refusal"  # a flag by this check (its name or category) counts as a refusal
+
+
+def is_refusal(v) -> bool:
+    """guard.RefusalCheck marks a refusal by category: over_refusal (flagged) or refusal (a right one)."""
+    return v.category == "refusal" or (v.flagged and v.category == "over_refusal")
+
+
 ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/guard/check", "/metrics", "/healthz")
 DONE = "data: [DONE]\n\n"
 
@@ -201,9 +207,9 @@ class Metrics:
         self.request_seconds = hist("alignkit_request_seconds", "To response start", ["endpoint"], registry=r)
         self.guard_seconds = hist("alignkit_guard_seconds", "One guard stage", ["stage"], registry=r)
         self.blocks = prom.Counter("alignkit_blocks", "Blocks", ["stage", "category"], registry=r)
-        self.flags = prom.Counter("alignkit_flags", "Flagged verdicts", ["stage", "check"], registry=r)
+        self.flags = prom.Counter("alignkit_flags", "Flagged verdicts", ["stage", "category"], registry=r)
         self.responses = prom.Counter("alignkit_responses", "Answers judged by output checks", registry=r)
-        self.refusals = prom.Counter("alignkit_refusals", f"Answers {REFUSAL_CHECK} flagged", registry=r)
+        self.refusals = prom.Counter("alignkit_refusals", "Answers judged refusals", registry=r)
 
 
 def _schemas():
@@ -288,10 +294,10 @@ class Server:
         m, flagged = self.metrics, [v for v in res.verdicts if v.flagged]
         if res.stage == "output":
             m.responses.inc()
-            if any(REFUSAL_CHECK in (v.name, v.category) for v in flagged):
+            if any(is_refusal(v) for v in res.verdicts):
                 m.refusals.inc()
         for v in flagged:
-            m.flags.labels(res.stage, v.name).inc()
+            m.flags.labels(res.stage, v.category or v.name).inc()
         if res.blocked:  # the blocking verdict is the last: a block ends the stage
             m.blocks.labels(res.stage, res.verdicts[-1].category or res.verdicts[-1].name).inc()
         if self.log and (flagged or res.blocked):
