@@ -170,6 +170,9 @@ def main() -> None:
             f"{r['tpr']:.1%} / {r['fpr_real_users']:.2%} | |",
             f"| {name} | AUC vs real user prompts; TPR at ≤1% FPR (oracle threshold) | "
             f"{r['auc_vs_real_users']:.4f}; {r['tpr_at_1pct_fpr_oracle']:.1%} | |",
+            f"| {name} | by source (dev; TPR of positives, FPR of negatives) | "
+            + ", ".join(f"{k.replace(':', ' ')} {v:.1%}" for k, v in r.items() if ":" in k)
+            + " | |",
         ]
     r = res["refusal"]
     lines.append(

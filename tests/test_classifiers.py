@@ -19,6 +19,7 @@ from alignkit.classifiers import (
     platt_fit,
     roc_auc,
     threshold_at_fpr,
+    threshold_at_fpr_by,
     threshold_max_f1,
 )
 
@@ -35,12 +36,28 @@ def test_roc_auc_by_hand_and_with_ties():
 
 def test_threshold_at_fpr_by_hand():
     neg = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
-    t = threshold_at_fpr(neg, 0.1)  # ⌊0.1·10⌋ = 1 negative may score ≥ t: just above 0.8
-    assert 0.8 < t < 0.8 + 1e-12 and (neg >= t).sum() == 1
-    assert (neg >= threshold_at_fpr(neg, 0.0)).sum() == 0  # just above the highest
+    # ⌊0.1·10⌋ = 1 negative may score ≥ t: halfway between 0.8 (the highest left unflagged) and 0.9
+    assert threshold_at_fpr(neg, 0.1) == pytest.approx(0.85)
+    t = threshold_at_fpr(neg, 0.0)  # nothing above 0.9: just above it
+    assert 0.9 < t < 0.9 + 1e-12 and (neg >= t).sum() == 0
+    assert threshold_at_fpr(neg, 0.0, np.array([0.95, 0.3])) == pytest.approx(0.925)  # up to a positive
     assert (neg >= threshold_at_fpr(neg, 0.25)).sum() == 2  # ⌊2.5⌋
+    # saturated probabilities: negatives all 0.0, positives 1.0 → 0.5, not the smallest float above 0
+    assert threshold_at_fpr(np.zeros(5), 0.01, np.ones(3)) == 0.5
     with pytest.raises(ValueError):
         threshold_at_fpr(np.array([]), 0.1)
+
+
+def test_threshold_at_fpr_by_group_by_hand():
+    easy = [0.1] * 18 + [0.6, 0.3]
+    hard = [0.7, 0.2]
+    scores = np.array(easy + hard + [0.9, 0.8])
+    labels = np.array([0] * 22 + [1, 1])
+    groups = ["easy"] * 20 + ["hard"] * 2 + ["easy", "hard"]
+    # overall, 22 negatives: ⌊2.2⌋ = 2 may be flagged (0.7, 0.6): halfway between 0.3 and 0.6
+    assert threshold_at_fpr_by(scores, labels, ["all"] * 24, 0.1) == pytest.approx(0.45)
+    # easy: ⌊2⌋ = 2 → halfway 0.1..0.3 = 0.2; hard: ⌊0.2⌋ = 0 → halfway 0.7..0.8 = 0.75; the strictest wins
+    assert threshold_at_fpr_by(scores, labels, groups, 0.1) == pytest.approx(0.75)
 
 
 def test_threshold_max_f1_by_hand():

@@ -46,14 +46,24 @@ def platt_fit(scores: np.ndarray, labels: np.ndarray, steps: int = 100) -> tuple
     return float(a), float(b)
 
 
-def threshold_at_fpr(neg_scores: np.ndarray, fpr: float) -> float:
-    """The lowest threshold t for which at most ⌊fpr·N⌋ of the N negatives score ≥ t (flag when score ≥ t):
-    just above the (⌊fpr·N⌋+1)-th highest negative score."""
+def threshold_at_fpr(neg_scores: np.ndarray, fpr: float, pos_scores: np.ndarray | None = None) -> float:
+    """A threshold t at which at most ⌊fpr·N⌋ of the N negatives score ≥ t (flag when score ≥ t), placed
+    halfway between the highest negative left unflagged and the next score above it (negative or
+    positive), for the widest margin; just above it when nothing scores higher."""
     neg = np.sort(np.asarray(neg_scores, float))[::-1]
     if len(neg) == 0:
         raise ValueError("no negatives to set a threshold on")
     k = min(int(math.floor(fpr * len(neg) + 1e-9)), len(neg) - 1)
-    return float(np.nextafter(neg[k], np.inf))
+    pos = np.asarray(pos_scores if pos_scores is not None else [], float)
+    above = np.concatenate([neg, pos])
+    above = above[above > neg[k]]
+    return float((neg[k] + above.min()) / 2) if len(above) else float(np.nextafter(neg[k], np.inf))
+
+
+def threshold_at_fpr_by(scores: np.ndarray, labels: np.ndarray, groups: list[str], fpr: float) -> float:
+    """The strictest of the per-group thresholds: the FPR stays within `fpr` in every group of negatives."""
+    s, y, g = np.asarray(scores, float), np.asarray(labels).astype(bool), np.asarray(groups)
+    return max(threshold_at_fpr(s[~y & (g == k)], fpr, s[y]) for k in sorted(set(g[~y])))
 
 
 def threshold_max_f1(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -366,10 +376,7 @@ def fit(train: list[dict], val: list[dict], feats: Features, name: str, cfg: Gua
         clf.threshold = threshold_max_f1(p_va, y_va)
     else:  # within every group of negatives when fpr_by names a field, so a small group is not drowned
         groups = [str(r.get(cfg.fpr_by)) for r in val] if cfg.fpr_by else ["all"] * len(val)
-        clf.threshold = max(
-            threshold_at_fpr(p_va[(y_va == 0) & (np.array(groups) == g)], cfg.target_fpr)
-            for g in sorted({g for g, y in zip(groups, y_va, strict=True) if y == 0})
-        )
+        clf.threshold = threshold_at_fpr_by(p_va, y_va, groups, cfg.target_fpr)
     clf.info = {
         "threshold_rule": cfg.threshold_rule,
         "target_fpr": cfg.target_fpr,
