@@ -418,7 +418,7 @@ def test_probe_help_lists_its_keys(capsys):
     for key in ("packs (list", "samples (int, default 1)", "output_dir (str", "limit (int | None",
                 "judge.refusal (regex|learned, default 'learned')", "judge.harm (none|learned|llm",
                 "judge.validation (str, default 'dev')", "judge.threshold (float, default 0.5)",
-                "probe compare", "--pack"):  # fmt: skip
+                "probe compare", "--pack", "--guard", "guard (str | None"):  # fmt: skip
         assert key in out, key
 
 
@@ -544,3 +544,11 @@ def test_probe_with_a_guard_blocks_inputs_outputs_and_injects_rules(tmp_path, pa
     res = results_of(out)
     assert res["dan/h1"]["guard"][0]["stage"] == "input" and res["dan/h1"]["guard"][0]["blocked"]
     assert res["h2"]["responses"] == [REFUSE] and res["h2"]["guard"][0]["verdicts"][0]["name"] == "harm"
+
+
+def test_probe_bad_guard_file_exits_2_before_any_model_loads(tmp_path, packs, capsys):
+    bad = write(tmp_path / "guard.yaml", "checks: [{name: a, classifier: x, colour: red}]\n")
+    args = ["probe", "--pack", packs[0], "--out", str(tmp_path / "run"), "--guard", bad, "model=/nonexistent"]
+    assert cli.main(args + ["judge.refusal=regex", "judge.harm=none", "judge.validation=none"]) == 2
+    err = capsys.readouterr().err
+    assert "colour" in err and not (tmp_path / "run").exists()

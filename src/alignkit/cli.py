@@ -101,6 +101,11 @@ def parser() -> argparse.ArgumentParser:
         "--pack", dest="packs", action="append", help="a pack; repeat for several (packs=[...])"
     )
     probe.add_argument("--out", dest="out_dir", help="run folder (same as output_dir=...)")
+    probe.add_argument(
+        "--guard",
+        dest="guard_file",
+        help="put the guard in front: 'default' or a guard YAML (same as guard=...)",
+    )
     report = _job_parser(sub, "report", *JOBS["report"])
     report.usage = "alignkit report RUN_DIR... [--train DIR] [--out F.html] [key=value ...]"
     report.add_argument(

@@ -358,6 +358,7 @@ def run(cfg: ProbeConfig, backend: Backend | None = None) -> dict:
             if rank[p.family] <= cfg.limit:
                 keep.append(p)
         probes = keep
+    pipe = guard_pipeline(cfg.guard)  # before any model loads: a bad guard file fails fast
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     j = cfg.judge
@@ -368,7 +369,6 @@ def run(cfg: ProbeConfig, backend: Backend | None = None) -> dict:
     elif j.harm != "none":
         harm = make_judge(j.harm, model=j.llm_model, url=j.llm_url, api_key_env=j.llm_api_key_env)
     backend = backend or make_backend(cfg.backend, cfg.model, cfg.precision, cfg.batch_size)
-    pipe = guard_pipeline(cfg.guard)
     blocked = guard_inputs(pipe, probes) if pipe else {}
     gens = generate_all(
         backend,
