@@ -130,6 +130,7 @@ class Features:
     ngram_weight: float = 1.0
     minilm_weight: float = 1.0
     regex_weight: float = 0.0
+    word_weight: float = 0.0
 
     def __post_init__(self):
         from sklearn.feature_extraction.text import HashingVectorizer
@@ -143,6 +144,9 @@ class Features:
             norm="l2",
             lowercase=True,
         )
+        self._words = HashingVectorizer(  # word 1–2-grams, one more block per field when word_weight > 0
+            ngram_range=(1, 2), n_features=self.n_features, alternate_sign=False, norm="l2"
+        )
         self._enc = None
 
     @property
@@ -151,17 +155,18 @@ class Features:
 
     @property
     def dim(self) -> int:
-        return (
-            self.n_features * len(self.fields) + (384 if self.minilm_tokens else 0) + bool(self.regex_weight)
-        )
+        per_field = self.n_features * (2 if self.word_weight else 1)
+        return per_field * len(self.fields) + (384 if self.minilm_tokens else 0) + bool(self.regex_weight)
 
     def __call__(self, records: list[dict]):
         import scipy.sparse as sp
 
-        blocks = [
-            self.ngram_weight * self._hv.transform([str(r.get(f) or "")[: self.max_chars] for r in records])
-            for f in self.fields
-        ]
+        blocks = []
+        for f in self.fields:
+            texts = [str(r.get(f) or "")[: self.max_chars] for r in records]
+            blocks.append(self.ngram_weight * self._hv.transform(texts))
+            if self.word_weight:
+                blocks.append(self.word_weight * self._words.transform(texts))
         last = [str(r.get(self.fields[-1]) or "") for r in records]
         if self.minilm_tokens:
             from .judges import Encoder
@@ -307,6 +312,8 @@ class GuardTrainConfig:
     """Scale of the (unit-length) MiniLM embedding block."""
     regex_weight: float = 0.0
     """Scale of one more feature, the refusal-phrase verdict of the regex judge; 0: left out."""
+    word_weight: float = 0.0
+    """Scale of a block of hashed word 1–2-grams per field; 0: left out."""
     c_grid: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0, 64.0, 256.0])
     """Inverse L2 strengths tried; the one with the best validation AUC (then log-loss) wins."""
     seed: int = 0
@@ -404,6 +411,7 @@ def train(cfg: GuardTrainConfig) -> dict:
         cfg.ngram_weight,
         cfg.minilm_weight,
         cfg.regex_weight,
+        cfg.word_weight,
     )
     out = Path(cfg.output)
     clf = fit(train_part, val_part, feats, cfg.name or out.name, cfg)
