@@ -1,0 +1,116 @@
+"""The math of PPO for RLHF, as small pure functions (the `alignkit ppo` loop of issue 5 builds on them).
+
+Shapes: B responses, T response tokens, right-padded; `mask` (B, T) is 1 on real response tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x − mean) / std over the masked entries (population variance); masked-out entries become 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_rewards(logp: Tensor, ref_logp: Tensor, score: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """Per-token rewards r_t = −β·(log π(y_t) − log π_ref(y_t)), plus the sequence score on the last real
+    token (Ziegler et al. 2019, Eq. 2; InstructGPT, Ouyang et al. 2022, Eq. 2, spread over tokens).
+    logp, ref_logp, mask (B, T); score (B,) → (B, T), 0 on padding."""
+    r = -beta * (logp - ref_logp) * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    return r.scatter_add(1, last[:, None], (score * (mask.sum(1) > 0))[:, None].to(r.dtype))
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16):
+    δ_t = r_t + γ·V_{t+1} − V_t,  A_t = Σ_l (γλ)^l δ_{t+l},  with V = 0 after the last real token.
+    Returns (advantages, returns = A + V), both (B, T) and 0 on padding."""
+    rewards, values, m = rewards * mask, values * mask, mask.to(rewards.dtype)
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_v = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        running = (delta + gamma * lam * running) * m[:, t]
+        adv[:, t] = running
+    return adv, (adv + values) * m
+
+
+def ppo_policy_loss(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, clip: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate (Schulman et al. 2017, Eq. 7), negated for minimisation:
+    L = −E[min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)], ρ = π/π_old, averaged over real tokens.
+    Also the share of tokens where the clip was active, and approx KL(π_old‖π) = E[(ρ − 1) − log ρ]
+    (an unbiased, non-negative estimator)."""
+    log_ratio = (logp - old_logp) * mask
+    ratio = log_ratio.exp()
+    unclipped, clipped = ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv
+    loss = -masked_mean(torch.min(unclipped, clipped), mask)
+    stats = {
+        "clipfrac": masked_mean((clipped < unclipped).float(), mask),
+        "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+    }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2
+) -> Tensor:
+    """Clipped value loss ½·E[max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²)] over real tokens
+    (the PPO value clipping of OpenAI baselines' ppo2, used by Ziegler et al. 2019)."""
+    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+
+
+def entropy(logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean entropy of the token distributions at real tokens. logits (B, T, V)."""
+    logp = logits.float().log_softmax(-1)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 − Var[R − V] / Var[R] over real tokens: 1 is a perfect value function, ≤ 0 no better than a constant."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return 1 - var_d / var_r.clamp(min=1e-12)
+
+
+class AdaptiveKL:
+    """The adaptive KL coefficient of Ziegler et al. 2019, §2.2: with e = clip(KL/target − 1, −0.2, 0.2),
+    β ← β·(1 + e·n/horizon) after n samples, so β rises while KL runs above target and falls below it."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        if beta <= 0 or target <= 0 or horizon <= 0:
+            raise ValueError("beta, target and horizon must be positive")
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n: int) -> float:
+        e = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.beta *= 1 + e * n / self.horizon
+        return self.beta
+
+
+class FixedKL:
+    """A constant β (update does nothing)."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def update(self, kl: float, n: int) -> float:
+        return self.beta
