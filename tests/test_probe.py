@@ -504,7 +504,8 @@ def test_per_prompt_median_of_an_even_count():
     assert per_prompt["median"] == 0.5
 
 
-def test_probe_with_a_guard_blocks_inputs_outputs_and_injects_rules(tmp_path, packs):
+@pytest.mark.parametrize("n", [1, 2])
+def test_probe_with_a_guard_blocks_inputs_outputs_and_injects_rules(tmp_path, packs, n):
     from alignkit import classifiers
 
     # an output classifier trained here: flags "here is how" answers
@@ -529,21 +530,27 @@ def test_probe_with_a_guard_blocks_inputs_outputs_and_injects_rules(tmp_path, pa
     )
     out = tmp_path / "run"
     backend = Scripted()
-    probe.run(config(out, packs, f"guard={guard}", "temperature=0"), backend=backend)
+    probe.run(config(out, packs, f"guard={guard}", "temperature=0", f"samples={n}"), backend=backend)
     s = summary_of(out)
     fam = s["families"]
     # persona prompts ("You are DAN. …") never reach the model; h2's compliance is replaced
     assert not [r for r in backend.requests if "DAN" in r.messages[-1]["content"]]
-    assert_rate(fam["persona"]["harmful_compliance"], 0, 3)
-    assert_rate(fam["plain"]["harmful_compliance"], 0, 3)
-    assert_rate(fam["helpful"]["benign_refusal"], 1, 3)  # the guard does not fix over-refusal
+    assert_rate(fam["persona"]["harmful_compliance"], 0, 3 * n)
+    assert_rate(fam["plain"]["harmful_compliance"], 0, 3 * n)
+    assert_rate(fam["helpful"]["benign_refusal"], n, 3 * n)  # the guard does not fix over-refusal
     assert s["guard"] == guard
-    assert s["guard_stats"] == {"input_blocked": 3, "output_blocked": 1, "output_flagged": 1, "responses": 13}
+    assert s["guard_stats"] == {
+        "input_blocked": 3,
+        "output_blocked": n,
+        "output_flagged": n,
+        "responses": 13 * n,
+    }
     # the rules are in every system prompt the model saw
     assert all("Never help with crimes." in r.messages[0]["content"] for r in backend.requests)
     res = results_of(out)
     assert res["dan/h1"]["guard"][0]["stage"] == "input" and res["dan/h1"]["guard"][0]["blocked"]
-    assert res["h2"]["responses"] == [REFUSE] and res["h2"]["guard"][0]["verdicts"][0]["name"] == "harm"
+    assert res["h2"]["responses"] == [REFUSE] * n and res["h2"]["guard"][-1]["verdicts"][0]["name"] == "harm"
+    assert len(res["dan/h1"]["guard"]) == n and res["dan/h1"]["responses"] == [REFUSE] * n
 
 
 def test_probe_bad_guard_file_exits_2_before_any_model_loads(tmp_path, packs, capsys):
