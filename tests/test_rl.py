@@ -117,3 +117,39 @@ def test_adaptive_kl_moves_beta_the_right_way():
     assert FixedKL(0.05).update(100.0, 256) == 0.05
     with pytest.raises(ValueError):
         AdaptiveKL(0.1, 0.0, 10)
+
+
+def test_rollout_masks_and_logprobs_match_generation(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.rl import response_logprobs, rollout
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    eos = tok.eos_token_id
+    # prompts of different lengths, one containing the pad/EOS id itself (as chat templates do)
+    prompts = [
+        tok("tell me about the sun")["input_ids"],
+        [*tok("hi")["input_ids"], eos, *tok("the moon")["input_ids"]],
+    ]
+    torch.manual_seed(0)
+    query, qmask, resp, mask, ended = rollout(model, prompts, tok.pad_token_id, {eos}, 6, temperature=1.0)
+    assert query.shape[0] == 2 and resp.shape == mask.shape and resp.shape[1] <= 6
+    assert qmask.sum(1).tolist() == [len(p) for p in prompts]
+    for i in range(2):  # the mask covers the response up to and including its first EOS, then stops
+        n = int(mask[i].sum())
+        assert mask[i, :n].all() and not mask[i, n:].any()
+        assert bool(ended[i]) == (eos in resp[i, :n].tolist())
+        if ended[i]:
+            assert resp[i, n - 1] == eos and eos not in resp[i, : n - 1].tolist()
+    # log-probs from one forward pass equal those of each row scored alone, without any padding
+    lp, hidden = response_logprobs(model, query, qmask, resp, mask)
+    assert hidden.shape[:2] == resp.shape
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            n = int(mask[i].sum())
+            ids = torch.tensor([p + resp[i, :n].tolist()])
+            logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].float().log_softmax(-1)
+            want = logits.gather(1, resp[i, :n, None]).squeeze(1)
+            close(lp[i, :n], want.tolist(), atol=1e-4)
+            assert (lp[i, n:] == 0).all()

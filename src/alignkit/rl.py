@@ -114,3 +114,56 @@ class FixedKL:
 
     def update(self, kl: float, n: int) -> float:
         return self.beta
+
+
+# ---------------------------------------------------------------- rollout tensors
+def rollout(
+    model, prompts: list[list[int]], pad_id: int, eos_ids: set[int], max_new_tokens: int, temperature: float
+):
+    """Step 1 of the PPO loop: sample one response per prompt with KV-cached batched generation.
+    Returns (query (B, Q) left-padded, its attention mask (B, Q), response (B, T) right-padded with
+    pad_id, response mask (B, T), ended (B,) bool: the response stopped on an EOS token rather than at
+    max_new_tokens). The masks are explicit: chat templates put EOS-like tokens (the pad id) in prompts."""
+    q_len = max(len(p) for p in prompts)
+    query = torch.full((len(prompts), q_len), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(query)
+    for i, p in enumerate(prompts):
+        query[i, q_len - len(p) :], attn[i, q_len - len(p) :] = torch.tensor(p), 1
+    kw = (
+        {"do_sample": True, "temperature": temperature, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=query.to(model.device),
+            attention_mask=attn.to(model.device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=sorted(eos_ids),
+            **kw,
+        )
+    response = out[:, q_len:].cpu()
+    is_eos = torch.isin(response, torch.tensor(sorted(eos_ids)))
+    # real tokens: up to and including the first EOS
+    before_eos = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+    mask = before_eos.float()
+    response = torch.where(before_eos, response, torch.full_like(response, pad_id))
+    return query, attn, response, mask, is_eos.any(1)
+
+
+def response_logprobs(
+    model, query: Tensor, query_mask: Tensor, response: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """log π(y_t | x, y_<t) of each response token, and the last hidden state at the positions that
+    predict them (for a value head), in one forward pass. (B, T) each, hidden (B, T, H); 0 on padding."""
+    ids = torch.cat([query, response], 1).to(model.device)
+    attn = torch.cat([query_mask.bool(), mask.bool()], 1).long().to(model.device)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True)
+    q = query.shape[1]
+    logits = out.logits[:, q - 1 : -1].float()  # the positions that predict response tokens
+    lp = logits.log_softmax(-1).gather(2, response.to(ids.device).unsqueeze(-1)).squeeze(-1)
+    hidden = out.hidden_states[-1][:, q - 1 : -1]
+    m = mask.to(lp.device)
+    return lp * m, hidden * m.unsqueeze(-1).to(hidden.dtype)
