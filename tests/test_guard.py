@@ -426,3 +426,10 @@ def test_hf_sequence_classifier_adapter(tmp_path, tiny_model):
     assert fn(["q", "q"], ["I can't help with that.", "Sure."]) == [1.0, 0.0]
     with pytest.raises(DataError, match="judge:KIND-refusal"):
         make_scorer("judge:regex")
+
+
+def test_a_missing_hf_model_is_a_data_error_naming_the_spec(tmp_path):
+    from alignkit.guard import make_scorer
+
+    with pytest.raises(DataError, match=f"hf:{tmp_path}/nope.*classifier"):
+        make_scorer(f"hf:{tmp_path}/nope")

@@ -8,6 +8,7 @@ the output stage), with an optional `split` of "train" or "validation"."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -81,22 +82,11 @@ def threshold_max_f1(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Area under the ROC curve = P(score of a random positive > a random negative), ties counting ½
-    (the Mann–Whitney U statistic divided by N₊·N₋)."""
+    """Area under the ROC curve = P(score of a random positive > a random negative), ties counting ½."""
+    from sklearn.metrics import roc_auc_score
+
     pos, neg = np.asarray(pos, float), np.asarray(neg, float)
-    allv = np.concatenate([pos, neg])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    i = 0
-    while i < len(allv):  # average ranks over ties
-        j = i
-        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
+    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
 
 
 def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
@@ -402,17 +392,9 @@ def train(cfg: GuardTrainConfig) -> dict:
         raise DataError("guard train", None, "target_fpr", "must be in [0, 1)")
     records = read_labelled(cfg.data, cfg.inputs)
     train_part, val_part = split(records, cfg.validation_fraction, cfg.seed)
-    feats = Features(
-        cfg.inputs,
-        (cfg.ngram_min, cfg.ngram_max),
-        cfg.n_features,
-        cfg.max_chars,
-        cfg.minilm_tokens,
-        cfg.ngram_weight,
-        cfg.minilm_weight,
-        cfg.regex_weight,
-        cfg.word_weight,
-    )
+    # the feature settings are the config's fields of the same names (the n-gram range aside)
+    names = [f.name for f in dataclasses.fields(Features) if f.name != "ngram"]
+    feats = Features(ngram=(cfg.ngram_min, cfg.ngram_max), **{k: getattr(cfg, k) for k in names})
     out = Path(cfg.output)
     clf = fit(train_part, val_part, feats, cfg.name or out.name, cfg)
     digest = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()[:16] if Path(cfg.data).is_file() else ""

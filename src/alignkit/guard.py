@@ -342,7 +342,10 @@ def make_scorer(spec: str, label: str | None = None) -> tuple[Callable, float]:
     if key in _LOADED:
         return _LOADED[key]
     if spec.startswith("hf:"):
-        out = (HFSequenceScorer(spec[3:], label), 0.5)
+        try:
+            out = (HFSequenceScorer(spec[3:], label), 0.5)
+        except OSError as e:  # no such folder, or not a model: name the spec, not a traceback
+            raise DataError(spec, None, "classifier", f"cannot load the model ({e})") from None
     elif spec.startswith("llamaguard:"):
         target = spec[len("llamaguard:") :]
         url = target if target.startswith(("http://", "https://")) else None
