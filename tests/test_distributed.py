@@ -196,6 +196,38 @@ def test_two_processes_checkpoint_and_resume(inputs, tmp_path):
 
 
 @pytest.mark.slow
+def test_ppo_under_two_processes_logs_once_and_resumes_exactly(inputs, tmp_path):
+    """PPO under DDP: each process rolls out its share of the prompts, gradients and the KL controller are
+    shared, metrics are written once, and a run resumed from a checkpoint on 2 processes (each with its own
+    sampling RNG state) equals the uninterrupted one."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = tmp_path / "rm"
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(inputs / "model", num_labels=1)
+    model.config.pad_token_id = model.config.eos_token_id
+    model.save_pretrained(rm)
+    AutoTokenizer.from_pretrained(inputs / "model").save_pretrained(rm)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"tell me about {w}"} for w in WORDS[:10]])
+    args = [f"prompts={prompts}", f"reward={rm}", f"model={inputs / 'model'}", "steps=4", "batch_size=4"]
+    args += ["precision=fp32", "ppo.max_new_tokens=5", "ppo.minibatch=1", "save_every=2", "lr=1e-2"]
+    two = tmp_path / "two"
+    r = result(launch(2, "ppo", *args, f"output_dir={two}")[0])
+    assert "kl/ref" in r and (two / "model.safetensors").exists()
+    steps = [json.loads(ln)["step"] for ln in (two / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    (resumed / "model.safetensors").unlink()
+    launch(2, "ppo", *args, f"output_dir={resumed}", "resume=true")
+    assert_same_weights(two, resumed)
+    for x, y in zip(logged(two), logged(resumed), strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (x["step"], k)
+
+
+@pytest.mark.slow
 def test_global_batch_must_split_evenly_over_processes(inputs, tmp_path):
     # 6 examples a step do not split into 2 processes × 2 equal micro-batches: a config error in every process
     out = tmp_path / "bad"

@@ -11,11 +11,12 @@ import torch
 from alignkit.rl import (
     AdaptiveKL,
     FixedKL,
-    entropy,
     explained_variance,
     gae,
     kl_rewards,
+    masked_mean,
     ppo_policy_loss,
+    token_entropy,
     value_loss,
     whiten,
 )
@@ -100,7 +101,9 @@ def test_whiten_entropy_explained_variance():
     m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     # mean 2, population variance 2/3: ±1/√(2/3) = ±1.224745; padding stays 0
     close(whiten(torch.tensor([[1.0, 2.0, 3.0, 99.0]]), m), [[-1.224745, 0.0, 1.224745, 0.0]], atol=1e-5)
-    close(entropy(torch.zeros(1, 4, 4), m), math.log(4))  # uniform over 4 tokens
+    uniform = torch.zeros(1, 4, 4).log_softmax(-1)
+    close(masked_mean(token_entropy(uniform), m), math.log(4))  # uniform over 4 tokens: log 4
+    close(token_entropy(torch.tensor([0.5, 0.5, 0.0]).log()), math.log(2))  # p log p = 0 at p = 0
     ret = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
     close(explained_variance(ret, ret, m), 1.0)
     close(explained_variance(torch.full_like(ret, 2.0), ret, m), 0.0)
@@ -143,8 +146,8 @@ def test_rollout_masks_and_logprobs_match_generation(tiny_model):
         if ended[i]:
             assert resp[i, n - 1] == eos and eos not in resp[i, : n - 1].tolist()
     # log-probs from one forward pass equal those of each row scored alone, without any padding
-    lp, hidden = response_logprobs(model, query, qmask, resp, mask)
-    assert hidden.shape[:2] == resp.shape
+    lp, hidden, ent = response_logprobs(model, query, qmask, resp, mask, with_entropy=True)
+    assert hidden.shape[:2] == resp.shape and ent.shape == resp.shape
     with torch.no_grad():
         for i, p in enumerate(prompts):
             n = int(mask[i].sum())
@@ -152,4 +155,5 @@ def test_rollout_masks_and_logprobs_match_generation(tiny_model):
             logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].float().log_softmax(-1)
             want = logits.gather(1, resp[i, :n, None]).squeeze(1)
             close(lp[i, :n], want.tolist(), atol=1e-4)
-            assert (lp[i, n:] == 0).all()
+            close(ent[i, :n], (-(logits.exp() * logits).sum(-1)).tolist(), atol=1e-4)
+            assert (lp[i, n:] == 0).all() and (ent[i, n:] == 0).all()

@@ -18,6 +18,7 @@ JOBS = {
     "rm train": ("train_rm", "RMConfig", "train a reward model (or an ensemble) on preference pairs"),
     "rm score": ("train_rm", "ScoreConfig", "score {prompt, response} records with a reward model"),
     "rm combine": ("train_rm", "CombineConfig", "gate a helpfulness RM by a harmlessness RM (priority)"),
+    "ppo": ("ppo", "PPOConfig", "PPO against a reward model with a per-token KL penalty to the SFT policy"),
     "generate": ("generate", "GenerateConfig", "batched, resumable generation for {id, prompt} records"),
     "probe": ("probe", "ProbeConfig", "adversarial and benign probe packs → rates with 95% intervals"),
     "probe compare": ("probe", "CompareConfig", "put probe runs side by side"),
@@ -90,6 +91,7 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("--in", dest="inp", help="input JSONL of {prompt, response} (same as input=...)")
     sc.add_argument("--out", help="output JSONL (same as output=...)")
     _job_parser(rm_sub, "rm combine", *JOBS["rm combine"])
+    _job_parser(sub, "ppo", *JOBS["ppo"])
     gen = _job_parser(sub, "generate", *JOBS["generate"])
     gen.add_argument("--model", help="policy (same as model=...)")
     gen.add_argument("--in", dest="inp", help="input JSONL of {id, prompt | messages} (same as input=...)")

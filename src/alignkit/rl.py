@@ -77,10 +77,10 @@ def value_loss(
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
 
 
-def entropy(logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean entropy of the token distributions at real tokens. logits (B, T, V)."""
-    logp = logits.float().log_softmax(-1)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+def token_entropy(logp: Tensor) -> Tensor:
+    """H(π(·|s_t)) = −Σ_v π(v) log π(v) per position, from log-probabilities (..., V) → (...); a token
+    with probability 0 (log-prob −inf) adds 0, not NaN."""
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
@@ -105,6 +105,12 @@ class AdaptiveKL:
         self.beta *= 1 + e * n / self.horizon
         return self.beta
 
+    def state_dict(self) -> dict:  # so accelerate checkpoints carry β (exact resume)
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
+
 
 class FixedKL:
     """A constant β (update does nothing)."""
@@ -114,6 +120,12 @@ class FixedKL:
 
     def update(self, kl: float, n: int) -> float:
         return self.beta
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
 
 
 # ---------------------------------------------------------------- rollout tensors
@@ -153,17 +165,30 @@ def rollout(
 
 
 def response_logprobs(
-    model, query: Tensor, query_mask: Tensor, response: Tensor, mask: Tensor
-) -> tuple[Tensor, Tensor]:
-    """log π(y_t | x, y_<t) of each response token, and the last hidden state at the positions that
-    predict them (for a value head), in one forward pass. (B, T) each, hidden (B, T, H); 0 on padding."""
+    model,
+    query: Tensor,
+    query_mask: Tensor,
+    response: Tensor,
+    mask: Tensor,
+    with_entropy: bool = False,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """log π(y_t | x, y_<t) of each response token (π: the model's softmax at `temperature`, as sampled),
+    the last hidden state at the positions that predict them (for a value head), and optionally the
+    entropy of π there, from one forward pass that projects onto the vocabulary only those positions.
+    (B, T) each, hidden (B, T, H); 0 on padding."""
     ids = torch.cat([query, response], 1).to(model.device)
     attn = torch.cat([query_mask.bool(), mask.bool()], 1).long().to(model.device)
     pos = (attn.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True)
-    q = query.shape[1]
-    logits = out.logits[:, q - 1 : -1].float()  # the positions that predict response tokens
-    lp = logits.log_softmax(-1).gather(2, response.to(ids.device).unsqueeze(-1)).squeeze(-1)
-    hidden = out.hidden_states[-1][:, q - 1 : -1]
+    t = response.shape[1]
+    out = model(
+        input_ids=ids, attention_mask=attn, position_ids=pos, output_hidden_states=True, logits_to_keep=t + 1
+    )
+    logp = (out.logits[:, -t - 1 : -1].float() / temperature).log_softmax(
+        -1
+    )  # the positions that predict response tokens
+    lp = logp.gather(2, response.to(ids.device).unsqueeze(-1)).squeeze(-1)
+    hidden = out.hidden_states[-1][:, -t - 1 : -1]
     m = mask.to(lp.device)
-    return lp * m, hidden * m.unsqueeze(-1).to(hidden.dtype)
+    ent = token_entropy(logp) * m if with_entropy else None
+    return lp * m, hidden * m.unsqueeze(-1).to(hidden.dtype), ent
