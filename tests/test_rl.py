@@ -125,6 +125,7 @@ def test_adaptive_kl_moves_beta_the_right_way():
 def test_rollout_masks_and_logprobs_match_generation(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from alignkit.generate import HFBackend
     from alignkit.rl import response_logprobs, rollout
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -135,8 +136,8 @@ def test_rollout_masks_and_logprobs_match_generation(tiny_model):
         tok("tell me about the sun")["input_ids"],
         [*tok("hi")["input_ids"], eos, *tok("the moon")["input_ids"]],
     ]
-    torch.manual_seed(0)
-    query, qmask, resp, mask, ended = rollout(model, prompts, tok.pad_token_id, {eos}, 6, temperature=1.0)
+    backend = HFBackend("", model_obj=model, tok=tok)
+    query, qmask, resp, mask, ended = rollout(backend, prompts, tok.pad_token_id, 6, temperature=1.0, seed=0)
     assert query.shape[0] == 2 and resp.shape == mask.shape and resp.shape[1] <= 6
     assert qmask.sum(1).tolist() == [len(p) for p in prompts]
     for i in range(2):  # the mask covers the response up to and including its first EOS, then stops

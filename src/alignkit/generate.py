@@ -35,6 +35,7 @@ class Sampling:
 class Request:
     key: str
     messages: Messages
+    ids: list[int] | None = None  # an already templated prompt, used as is (the PPO rollout)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Completion:
     key: str
     texts: list[str]
     tokens: list[int]  # generated tokens per sample, EOS excluded
+    ids: list[list[int]] | None = None  # generated token ids per sample, with the EOS that ended it
 
 
 class Backend(Protocol):
@@ -144,11 +146,16 @@ class HFBackend:
         gen = torch.Generator().manual_seed(sampling.seed)
         # queue of (request index, sample index, prompt ids), shortest prompts first so each prefill
         # batch holds similar lengths (little padding)
-        queue = [(i, s, self.encode(r.messages)) for i, r in enumerate(requests) for s in range(sampling.n)]
+        queue = [
+            (i, s, r.ids if r.ids is not None else self.encode(r.messages))
+            for i, r in enumerate(requests)
+            for s in range(sampling.n)
+        ]
         queue.sort(key=lambda q: len(q[2]))
         queue.reverse()  # pop() from the end takes the shortest
         texts: list[list[str | None]] = [[None] * sampling.n for _ in requests]
         counts: list[list[int]] = [[0] * sampling.n for _ in requests]
+        gen_ids: list[list[list[int]]] = [[[] for _ in range(sampling.n)] for _ in requests]
         left = [sampling.n] * len(requests)
         rows: list[tuple[int, int]] = []  # (request, sample) of each batch row
         out_ids: list[list[int]] = []
@@ -219,9 +226,10 @@ class HFBackend:
                 i, s = rows[j]
                 texts[i][s] = self.tok.decode(out_ids[j], skip_special_tokens=True)
                 counts[i][s] = len(out_ids[j])
+                gen_ids[i][s] = out_ids[j] + [tok_id] if tok_id in self.eos else out_ids[j]
                 left[i] -= 1
                 if left[i] == 0:
-                    yield Completion(requests[i].key, texts[i], counts[i])
+                    yield Completion(requests[i].key, texts[i], counts[i], gen_ids[i])
             if len(keep) < len(rows):
                 keep.sort()
                 if not keep:

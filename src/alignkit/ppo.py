@@ -247,15 +247,16 @@ def load_prompts(cfg: PPOConfig, tok) -> tuple[list[Prompt], dict]:
 
 # ---------------------------------------------------------------- the PPO iteration
 class Stepper:
-    """What one PPO iteration needs besides the batch: the model, its optimiser, the accelerator (None: a
-    single plain process), the reference (None: the policy with its adapters disabled) and the settings."""
+    """What one PPO iteration needs besides the batch: the model, its optimiser, the KL controller, the
+    tokenizer, the settings, the accelerator (None: one plain process) and the reference (None: the policy
+    with its adapters disabled). Rollouts go through the generation backend (alignkit.generate)."""
 
-    def __init__(
-        self, model, optimizer, kl, pad_id: int, eos_ids: set[int], s: PPOSettings, acc=None, ref=None
-    ):
+    def __init__(self, model, optimizer, kl, tok, s: PPOSettings, acc=None, ref=None):
+        from .generate import HFBackend
+
         self.model, self.opt, self.kl, self.s, self.acc, self.ref = model, optimizer, kl, s, acc, ref
-        self.pad_id, self.eos_ids = pad_id, eos_ids
-        self.max_grad_norm = 1.0
+        self.pad_id, self.max_grad_norm = tok.pad_token_id, 1.0
+        self.backend = HFBackend("", model_obj=self._unwrapped().policy, tok=tok)
 
     def _unwrapped(self) -> PolicyWithValue:
         return self.acc.unwrap_model(self.model) if self.acc else self.model
@@ -275,18 +276,20 @@ class Stepper:
             return x
         return self.acc.gather(x.to(self.acc.device)).cpu()
 
-    def step(self, prompts: list[list[int]], score_fn: Callable) -> dict[str, float]:
+    def step(self, prompts: list[list[int]], score_fn: Callable, seed: int = 0) -> dict[str, float]:
         """One PPO iteration on this process's prompts; returns the step's statistics (over all processes).
 
-        `score_fn(query, response, mask)` returns the sequence scores (B,), or (scores, extra stats)."""
+        `score_fn(query, response, mask)` returns the sequence scores (B,), or (scores, extra stats);
+        `seed` seeds the rollout's sampling, so a resumed run samples what the uninterrupted one did."""
         s, pv = self.s, self._unwrapped()
         times = {}
         # 1. rollout: batched, KV-cached sampling from the current policy
         t0 = time.perf_counter()
         pv.eval()  # no dropout anywhere: the ratio π/π_old must be exactly 1 before the first update
         with self._autocast():
+            self.backend.batch_size = len(prompts)
             query, qmask, resp, mask, ended = rollout(
-                pv.policy, prompts, self.pad_id, self.eos_ids, s.max_new_tokens, s.temperature
+                self.backend, prompts, self.pad_id, s.max_new_tokens, s.temperature, seed
             )
         times["generation"] = time.perf_counter() - t0
         # 2. score with the reward model; a response cut off before its EOS is penalised
@@ -518,8 +521,7 @@ def run(cfg: PPOConfig) -> dict:
     log = MetricsLog(out / "metrics.jsonl", acc, resume_step=start if cfg.resume else None)
     if not cfg.resume and acc.is_main_process:
         (out / "metrics.jsonl").write_text("")
-    eos = {tok.eos_token_id} | set(_as_list(acc.unwrap_model(model).policy.generation_config.eos_token_id))
-    stepper = Stepper(model, opt, kl, tok.pad_token_id, eos - {None}, cfg.ppo, acc, ref)
+    stepper = Stepper(model, opt, kl, tok, cfg.ppo, acc, ref)
     stepper.max_grad_norm = cfg.max_grad_norm
     acc.print(
         f"ppo: {len(prompts)} prompts, reward {scorer.kind} ({cfg.reward}), {trainable:,} of {total:,} "
@@ -536,7 +538,8 @@ def run(cfg: PPOConfig) -> dict:
         batch = [prompts[i] for i in idx]
         score_fn = reward_fn(scorer, tok, [p.messages for p in batch])
         try:
-            last = stepper.step([p.ids for p in batch], score_fn)
+            seed = (cfg.seed * 1_000_003 + step) * 1_009 + acc.process_index
+            last = stepper.step([p.ids for p in batch], score_fn, seed)
         except FloatingPointError as e:
             ck = latest_checkpoint(out)
             kept = f"the last good checkpoint is {ck}" if ck else "no checkpoint was written (save_every=0)"
@@ -561,7 +564,3 @@ def run(cfg: PPOConfig) -> dict:
     acc.wait_for_everyone()  # no process leaves the group while another still uses it
     acc.end_training()
     return {**last, **report}
-
-
-def _as_list(x) -> list:
-    return [] if x is None else [x] if isinstance(x, int) else list(x)

@@ -130,38 +130,31 @@ class FixedKL:
 
 # ---------------------------------------------------------------- rollout tensors
 def rollout(
-    model, prompts: list[list[int]], pad_id: int, eos_ids: set[int], max_new_tokens: int, temperature: float
+    backend, prompts: list[list[int]], pad_id: int, max_new_tokens: int, temperature: float, seed: int
 ):
-    """Step 1 of the PPO loop: sample one response per prompt with KV-cached batched generation.
+    """Step 1 of the PPO loop: sample one response per prompt with a generation backend (alignkit.generate:
+    batched, KV-cached, continuous batching), from its own generator seeded with `seed`.
     Returns (query (B, Q) left-padded, its attention mask (B, Q), response (B, T) right-padded with
     pad_id, response mask (B, T), ended (B,) bool: the response stopped on an EOS token rather than at
     max_new_tokens). The masks are explicit: chat templates put EOS-like tokens (the pad id) in prompts."""
-    q_len = max(len(p) for p in prompts)
+    from .generate import Request, Sampling
+
+    sampling = Sampling(n=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    done = {
+        c.key: c.ids[0]
+        for c in backend.generate([Request(str(i), [], p) for i, p in enumerate(prompts)], sampling)
+    }
+    outs = [done[str(i)] for i in range(len(prompts))]
+    q_len, t_len = max(map(len, prompts)), max(1, max(map(len, outs)))
     query = torch.full((len(prompts), q_len), pad_id, dtype=torch.long)
     attn = torch.zeros_like(query)
-    for i, p in enumerate(prompts):
+    response = torch.full((len(prompts), t_len), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), t_len)
+    for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
         query[i, q_len - len(p) :], attn[i, q_len - len(p) :] = torch.tensor(p), 1
-    kw = (
-        {"do_sample": True, "temperature": temperature, "top_k": 0}
-        if temperature > 0
-        else {"do_sample": False}
-    )
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=query.to(model.device),
-            attention_mask=attn.to(model.device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=sorted(eos_ids),
-            **kw,
-        )
-    response = out[:, q_len:].cpu()
-    is_eos = torch.isin(response, torch.tensor(sorted(eos_ids)))
-    # real tokens: up to and including the first EOS
-    before_eos = (is_eos.long().cumsum(1) - is_eos.long()) == 0
-    mask = before_eos.float()
-    response = torch.where(before_eos, response, torch.full_like(response, pad_id))
-    return query, attn, response, mask, is_eos.any(1)
+        response[i, : len(o)], mask[i, : len(o)] = torch.tensor(o, dtype=torch.long), 1
+    ended = torch.tensor([bool(o) and o[-1] in backend.eos for o in outs])
+    return query, attn, response, mask, ended
 
 
 def response_logprobs(
