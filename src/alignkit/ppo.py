@@ -271,6 +271,12 @@ class Stepper:
         t = self.acc.reduce(torch.tensor(values, dtype=torch.float64, device=self.acc.device), "mean")
         return t.cpu().tolist()
 
+    def _anywhere(self, bad: bool) -> bool:
+        """Whether any process has `bad` set, so that every process stops at the same point."""
+        if not self.acc or self.acc.num_processes == 1:
+            return bad
+        return bool(self.acc.reduce(torch.tensor([float(bad)], device=self.acc.device), "sum").item() > 0)
+
     def _gather(self, x: Tensor) -> Tensor:
         if not self.acc or self.acc.num_processes == 1:
             return x
@@ -298,7 +304,7 @@ class Stepper:
         score, extra = out if isinstance(out, tuple) else (out, {})
         score = score.float() - s.no_eos_penalty * (~ended).float()
         times["scoring"] = time.perf_counter() - t0
-        if not torch.isfinite(score).all():
+        if self._anywhere(not torch.isfinite(score).all()):
             raise FloatingPointError("the reward model returned a non-finite score")
         # 3. log-probs of the policy and the reference, values; per-token rewards with the KL penalty
         t0 = time.perf_counter()
@@ -336,20 +342,15 @@ class Stepper:
                 loss = pl + s.vf_coef * vl
                 if s.entropy_coef > 0:
                     loss = loss - s.entropy_coef * masked_mean(ent_mb, m)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the PPO loss is {loss.item()}: stopped before the update")
+                if self._anywhere(not torch.isfinite(loss)):
+                    raise FloatingPointError(
+                        f"a PPO loss is not finite (here {loss.item()}): stopped before the update"
+                    )
                 self.opt.zero_grad(set_to_none=True)
                 self.acc.backward(loss) if self.acc else loss.backward()
                 params = [p for p in self.model.parameters() if p.requires_grad]
-                if self.max_grad_norm:
-                    clip = self.acc.clip_grad_norm_ if self.acc else torch.nn.utils.clip_grad_norm_
-                    norm = float(clip(params, self.max_grad_norm))
-                else:
-                    norm = float(
-                        torch.linalg.vector_norm(
-                            torch.stack([p.grad.norm() for p in params if p.grad is not None])
-                        )
-                    )
+                clip = self.acc.clip_grad_norm_ if self.acc else torch.nn.utils.clip_grad_norm_
+                norm = float(clip(params, self.max_grad_norm or math.inf))  # the norm before clipping
                 if not math.isfinite(norm):
                     raise FloatingPointError(f"the gradient norm is {norm}: stopped before the update")
                 self.opt.step()
