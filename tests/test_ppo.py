@@ -288,3 +288,20 @@ def test_bad_prompts_and_reward_fail_before_anything_is_written(tmp_path, tiny_m
     good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "hi"}])
     out = run_ppo(tmp_path, tiny_model, tiny_rm, good, "bad4", "reward_aggregation=min", code=2)
     assert "need an ensemble" in capsys.readouterr().err and not out.exists()
+
+
+def test_priority_reward_logs_its_helpful_and_harmless_parts(tmp_path, tiny_model, tiny_rm, prompts_file):
+    pair = tmp_path / "priority"
+    args = [
+        "rm",
+        "combine",
+        f"helpful={tiny_rm}",
+        f"harmless={tiny_rm}",
+        f"output_dir={pair}",
+        "threshold=-100",
+    ]
+    assert cli.main(args) == 0
+    m = metrics(run_ppo(tmp_path, tiny_model, str(pair), prompts_file, "run", "steps=1"))[1]
+    # the same RM on both sides, τ far below: every response is harmless, so R = softplus(helpful) > 0
+    assert m["reward/helpful"] == pytest.approx(m["reward/harmless"])
+    assert m["reward/score"] + (1.0 - m["response/ended"]) > 0
