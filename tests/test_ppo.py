@@ -77,6 +77,27 @@ def ppo_keys() -> list[str]:
     ]
 
 
+def test_a_single_update_fused_with_the_old_policy_pass_equals_the_separate_passes(tiny_model):
+    # one epoch, one minibatch: the update's own forward doubles as the π_old / V_old pass
+    results = []
+    for fuse in (True, False):
+        tok, pv, prompts = toy(tiny_model)
+        opt = torch.optim.Adam([p for p in pv.parameters() if p.requires_grad], lr=1e-2)
+        stepper = Stepper(pv, opt, FixedKL(0.1), tok, PPOSettings(max_new_tokens=6, epochs=1, minibatch=16))
+        stepper.fuse_single_update = fuse
+
+        def score(query, resp, mask):
+            return (resp % 3 == 0).float().mean(1)
+
+        stats = [stepper.step(prompts, score, seed=k) for k in range(2)]
+        results.append((stats, [p.detach().clone() for p in pv.parameters()]))
+    (fused, wf), (separate, ws) = results
+    for a, b in zip(wf, ws, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for k in ("loss/policy", "loss/value", "kl/ref", "policy/entropy", "value/explained_var"):
+        assert fused[1][k] == pytest.approx(separate[1][k], rel=1e-5, abs=1e-7), k
+
+
 def test_value_head_starts_from_the_reward_models_score_head():
     rm = nn.Module()
     rm.score = nn.Linear(16, 1, bias=False)

@@ -256,6 +256,7 @@ class Stepper:
 
         self.model, self.opt, self.kl, self.s, self.acc, self.ref = model, optimizer, kl, s, acc, ref
         self.pad_id, self.max_grad_norm = tok.pad_token_id, 1.0
+        self.fuse_single_update = True  # see step 3
         self.backend = HFBackend("", model_obj=self._unwrapped().policy, tok=tok)
 
     def _unwrapped(self) -> PolicyWithValue:
@@ -306,10 +307,19 @@ class Stepper:
         times["scoring"] = time.perf_counter() - t0
         if self._anywhere(not torch.isfinite(score).all()):
             raise FloatingPointError("the reward model returned a non-finite score")
-        # 3. log-probs of the policy and the reference, values; per-token rewards with the KL penalty
+        # 3. log-probs of the policy and the reference, values; per-token rewards with the KL penalty.
+        # With a single update per batch (one epoch, one minibatch) the policy's pass is the update's own
+        # forward: its detached outputs are π_old and V_old, and the graph is kept for step 5
         t0 = time.perf_counter()
+        n = len(prompts)
+        fused = None
+        if self.fuse_single_update and s.epochs == 1 and s.minibatch >= n:
+            with self._autocast():
+                fused = self.model(query, qmask, resp, mask, s.temperature, True)
+            old_lp, old_v, ent = (x.detach() for x in fused)
         with torch.no_grad(), self._autocast():
-            old_lp, old_v, ent = pv(query, qmask, resp, mask, s.temperature, with_entropy=True)
+            if fused is None:
+                old_lp, old_v, ent = pv(query, qmask, resp, mask, s.temperature, with_entropy=True)
             if self.ref is not None:
                 ref_lp, _, _ = response_logprobs(self.ref, query, qmask, resp, mask, False, s.temperature)
             else:
@@ -328,14 +338,16 @@ class Stepper:
         sums: dict[str, list[float]] = {
             k: [] for k in ("policy", "value", "clipfrac", "approx_kl", "grad_norm")
         }
-        n = len(prompts)
         for _ in range(s.epochs):
             for b in range(0, n, s.minibatch):
                 i = slice(b, b + s.minibatch)
-                with self._autocast():
-                    lp, v, ent_mb = self.model(
-                        query[i], qmask[i], resp[i], mask[i], s.temperature, s.entropy_coef > 0
-                    )
+                if fused is not None:
+                    (lp, v, ent_mb), fused = fused, None
+                else:
+                    with self._autocast():
+                        lp, v, ent_mb = self.model(
+                            query[i], qmask[i], resp[i], mask[i], s.temperature, s.entropy_coef > 0
+                        )
                 m = mask[i].to(lp.device)
                 pl, st = ppo_policy_loss(lp, old_lp[i].to(lp.device), adv[i].to(lp.device), m, s.clip)
                 vl = value_loss(v.float(), old_v[i].to(lp.device), ret[i].to(lp.device), m, s.value_clip)
