@@ -292,7 +292,7 @@ class Stepper:
         times = {}
         # 1. rollout: batched, KV-cached sampling from the current policy
         t0 = time.perf_counter()
-        pv.eval()  # no dropout anywhere: the ratio π/π_old must be exactly 1 before the first update
+        pv.eval()  # no dropout anywhere: the ratio π/π_old must be 1 before the first update
         with self._autocast():
             self.backend.batch_size = len(prompts)
             query, qmask, resp, mask, ended = rollout(
