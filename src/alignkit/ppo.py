@@ -492,10 +492,8 @@ def run(cfg: PPOConfig) -> dict:
         batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, precision=cfg.precision, tracker=cfg.tracker
     )
     acc = make_accelerator(settings, out)
-    if acc.distributed_type.name in (
-        "DEEPSPEED",
-        "FSDP",
-    ):  # untested here; ZeRO-3/FSDP shard what generation needs
+    # DeepSpeed and FSDP shard the weights that generation needs; that path is not built (nor tested)
+    if acc.distributed_type.name in ("DEEPSPEED", "FSDP"):
         raise cfglib.ConfigError(
             "ppo runs on one process or under DDP (multi-GPU/CPU), not DeepSpeed or FSDP"
         )
