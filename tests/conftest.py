@@ -12,6 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models run fastest on one thread, and two threads thrash when anything else shares the cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# What precision=auto means here: fp32 on every CPU kind, so that no trajectory depends on whether this
+# machine has native bf16. ALIGNKIT_PRECISION=bf16 runs the whole suite in bf16 instead.
+os.environ.setdefault("ALIGNKIT_PRECISION", "fp32")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.use_deterministic_algorithms(True)
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "

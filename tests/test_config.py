@@ -12,8 +12,8 @@ import yaml
 
 from alignkit import cli
 from alignkit.config import ConfigError, load, save
-from alignkit.train_rm import RMConfig
-from alignkit.train_sft import SFTConfig
+from alignkit.train.rm import RMConfig
+from alignkit.train.sft import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_nested_overrides_and_value_types():
     assert cfg.lora.r == 4 and cfg.lora.enabled is False
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.eval_data is None
-    assert sft("train.precision=bf16").train.precision == "bf16"
+    assert sft("train.precision=bf16").train.run.precision == "bf16"
 
 
 def test_partly_given_section_keeps_the_jobs_own_defaults(tmp_path):
@@ -139,17 +139,16 @@ ACCELERATE = ROOT / "configs" / "accelerate"
 JOB_FILES = sorted(p for p in (ROOT / "configs").glob("**/*.yaml") if ACCELERATE not in p.parents)
 
 
-def _job_class(job: str) -> type:
-    module, cls_name, _ = cli.JOBS[job]
-    return getattr(importlib.import_module(f"alignkit.{module}"), cls_name)
-
-
 def _loads_as(path: Path, job: str) -> bool:
-    """Whether `path` loads as `job`'s config; required keys (string fields defaulting to '') the file leaves
-    out are given placeholders, as a user gives them on the command line."""
-    cls = _job_class(job)
+    """Whether `path` loads as `job`'s config; required keys (fields with no default) the file leaves out
+    are given placeholders, as a user gives them on the command line."""
+    cls = cli.JOBS[job].config_class()
     given = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    required = [f.name for f in dataclasses.fields(cls) if f.default == "" and f.name not in given]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in given
+    ]
     try:
         load(cls, path, [f"{k}=placeholder" for k in required])
     except ConfigError:
@@ -171,7 +170,7 @@ def test_shipped_job_config_loads(path):
         assert declared.group(1) in cli.JOBS, f"{path.name} declares unknown job {declared.group(1)!r}"
         assert _loads_as(path, declared.group(1))
     if path.name.startswith("guard"):  # a guard pipeline (--guard / guard=), not a job
-        from alignkit.guard import GuardConfig
+        from alignkit.guard.config import GuardConfig
 
         assert isinstance(load(GuardConfig, path), GuardConfig)
         return
@@ -184,7 +183,7 @@ def test_shipped_accelerate_configs_parse():
 
 
 def test_override_with_a_colon_stays_a_string():
-    from alignkit.report import ReportConfig
+    from alignkit.measure.report import ReportConfig
 
     cfg = load(ReportConfig, None, ["runs=[a]", "title=baseline: SmolLM2"])
     assert cfg.title == "baseline: SmolLM2"

@@ -6,17 +6,16 @@ import pytest
 
 from alignkit.data import (
     DataError,
-    batch_order,
     encode_pairs,
     encode_sft,
     parse_pairs,
     parse_scoring,
     parse_sft,
     read_records,
-    split_eval,
     tokenize_supervised,
 )
 from alignkit.models import load_tokenizer
+from alignkit.train.batching import batch_order, split_eval
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +205,7 @@ def test_batch_order_is_a_pure_function_of_seed_and_epoch(group):
 def test_quickstart_data_written_whole(tmp_path):
     import json
 
-    from alignkit.quickstart import write_data
+    from alignkit.train.quickstart import write_data
 
     sft, pairs = write_data(tmp_path, 12)
     rows = [json.loads(x) for x in sft.read_text().splitlines()]

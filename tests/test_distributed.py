@@ -315,7 +315,8 @@ def test_deepspeed_config_is_zero3_saving_full_weights(monkeypatch):
 def test_gathered_state_dict_loads_into_a_fresh_model(inputs):
     """The final save under ZeRO-3/FSDP loads the gathered state dict into a fresh unsharded copy; a tied
     weight may arrive under one name only, a really missing weight is an error."""
-    from alignkit.models import LoraSettings, apply_lora, load_causal_lm, load_full_state
+    from alignkit.models import LoraSettings, apply_lora, load_causal_lm
+    from alignkit.train.loop import load_full_state
 
     def build():
         return apply_lora(load_causal_lm(str(inputs / "model")), LoraSettings(r=4), "CAUSAL_LM")

@@ -11,7 +11,7 @@ import torch
 from conftest import WORDS, write_jsonl
 
 from alignkit import cli
-from alignkit.ensemble import aggregate, load_scorer, priority_combine
+from alignkit.train.reward import aggregate, load_reward, priority_combine
 
 
 def close(actual, expected, atol=1e-6):
@@ -165,14 +165,14 @@ def test_lora_ensemble_is_one_folder_and_scores_with_uwo(lora_ensemble, tmp_path
     assert spec["kind"] == "lora" and len(spec["members"]) == 2
     for m in spec["members"]:
         assert (lora_ensemble / m / "adapter_model.safetensors").exists()
-    assert load_scorer(lora_ensemble, bf16=False).kind == "ensemble"
+    assert load_reward(lora_ensemble, bf16=False).kind == "ensemble"
     _check_scored(_score(lora_ensemble, tmp_path), "uwo", 2.0)
 
 
 def test_full_ensemble_is_one_folder_and_scores_with_min(full_ensemble, tmp_path):
     spec = json.loads((full_ensemble / "ensemble.json").read_text())
     assert spec["kind"] == "full" and spec["base"] is None and len(spec["members"]) == 2
-    assert load_scorer(full_ensemble, bf16=False).kind == "ensemble"
+    assert load_reward(full_ensemble, bf16=False).kind == "ensemble"
     _check_scored(_score(full_ensemble, tmp_path), "min", 1.0)
 
 
@@ -189,8 +189,8 @@ def test_ensemble_member_scores_match_each_member_loaded_alone(lora_ensemble, fu
 
     messages = CONV + [{"role": "assistant", "content": REPLY}]
     for folder in (lora_ensemble, full_ensemble):
-        scorer = load_scorer(folder, bf16=False)
-        got = scorer.score(["tell me about water"], [REPLY]).scores[0]
+        parts = load_reward(folder, bf16=False).score(["tell me about water"], [REPLY]).parts
+        got = [v[0] for v in parts.values()]
         spec = json.loads((folder / "ensemble.json").read_text())
         tok = AutoTokenizer.from_pretrained(folder)
         for k, member in enumerate(spec["members"]):

@@ -12,19 +12,11 @@ import torch
 from conftest import write_jsonl
 
 from alignkit import cli
-from alignkit import generate as gen_mod
 from alignkit.data import DataError
-from alignkit.generate import (
-    Completion,
-    GenerateConfig,
-    HFBackend,
-    Request,
-    Sampling,
-    done_ids,
-    left_pad,
-    read_prompts,
-    sample_next,
-)
+from alignkit.gen import Completion, Request, Sampling
+from alignkit.gen import generate as gen_mod
+from alignkit.gen.generate import GenerateConfig, done_ids, read_prompts
+from alignkit.gen.hf import HFBackend, left_pad, sample_next
 
 PROMPTS = [
     "water",

@@ -9,18 +9,9 @@ import pytest
 
 from alignkit.config import ConfigError, load
 from alignkit.data import DataError
-from alignkit.guard import (
-    CheckSpec,
-    ContextRules,
-    GuardConfig,
-    GuardResult,
-    PatternCheck,
-    Pipeline,
-    ScoreCheck,
-    Verdict,
-    build_pipeline,
-    inject,
-)
+from alignkit.guard import config as guard_config
+from alignkit.guard.config import CheckSpec, GuardConfig, build_pipeline
+from alignkit.guard.pipeline import ContextRules, GuardResult, PatternCheck, Pipeline, ScoreCheck, Verdict, inject
 
 
 @dataclass
@@ -309,9 +300,7 @@ def test_build_pipeline_default_checks(tmp_path):
 
 
 def test_check_thresholds_default_to_the_classifiers_own(monkeypatch):
-    from alignkit import guard
-
-    monkeypatch.setattr(guard, "make_scorer", lambda spec, label=None: (lambda ps, ts: [0.3] * len(ts), 0.25))
+    monkeypatch.setattr(guard_config, "detector", lambda spec, label=None: (lambda ps, ts: [0.3] * len(ts), 0.25))
     cfg = GuardConfig(
         patterns=[], checks=[CheckSpec("a", "input", "block", "x"), CheckSpec("b", "input", "flag", "y", 0.5)]
     )
@@ -349,10 +338,10 @@ def test_guard_config_loads_from_yaml(tmp_path):
 def test_guard_score_job_contract(tmp_path, monkeypatch, capsys):
     import json
 
-    from alignkit import cli, guard
+    from alignkit import cli
 
     fakes = fake_scorers(harm_word="weapon")
-    monkeypatch.setattr(guard, "make_scorer", lambda spec, label=None: (fakes[spec], 0.5))
+    monkeypatch.setattr(guard_config, "detector", lambda spec, label=None: (fakes[spec], 0.5))
     src = tmp_path / "in.jsonl"
     rows = [
         {"id": 1, "prompt": "how do I bake bread", "response": "Knead, rise, bake."},
@@ -397,7 +386,7 @@ def test_hf_sequence_classifier_adapter(tmp_path, tiny_model):
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignkit.guard import HFSequenceScorer, make_scorer
+    from alignkit.detect.specs import HFSequenceScorer, detector
 
     cfg = AutoConfig.from_pretrained(tiny_model)
     cfg.id2label, cfg.label2id = {0: "BENIGN", 1: "INJECTION", 2: "JAILBREAK"}, None
@@ -419,17 +408,17 @@ def test_hf_sequence_classifier_adapter(tmp_path, tiny_model):
         HFSequenceScorer(str(path))  # three classes and no label
     with pytest.raises(DataError, match="not a class"):
         HFSequenceScorer(str(path), "TOXIC")
-    fn, threshold = make_scorer(f"hf:{path}", "JAILBREAK")
+    fn, threshold = detector(f"hf:{path}", "JAILBREAK")
     assert threshold == 0.5 and fn(texts, texts) == pytest.approx(probs[:, 2].tolist(), abs=1e-5)
     # the regex judge as a check, and a bad judge spec
-    fn, _ = make_scorer("judge:regex-refusal")
+    fn, _ = detector("judge:regex-refusal")
     assert fn(["q", "q"], ["I can't help with that.", "Sure."]) == [1.0, 0.0]
     with pytest.raises(DataError, match="judge:KIND-refusal"):
-        make_scorer("judge:regex")
+        detector("judge:regex")
 
 
 def test_a_missing_hf_model_is_a_data_error_naming_the_spec(tmp_path):
-    from alignkit.guard import make_scorer
+    from alignkit.detect.specs import detector
 
     with pytest.raises(DataError, match=f"hf:{tmp_path}/nope.*classifier"):
-        make_scorer(f"hf:{tmp_path}/nope")
+        detector(f"hf:{tmp_path}/nope")

@@ -8,27 +8,28 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_jsonl
 from test_probe import LABELLED
 
-from alignkit import cli, judges
+from alignkit import cli
 from alignkit.data import DataError
-from alignkit.judges import (
+from alignkit.detect import judges
+from alignkit.detect.calibration import binary_metrics, fit_logistic
+from alignkit.detect.features import Encoder, minilm_path
+from alignkit.detect.judges import (
     HAZARDS,
-    Encoder,
     LearnedJudge,
     LLMJudge,
     RegexJudge,
-    choose_l2,
-    confusion,
-    fit_logistic,
+    choose_c,
     guard_prompt,
-    load_labelled,
     make_judge,
     parse_guard,
 )
+from alignkit.detect.labelled import load_labelled
 
 REFUSALS = [
     "I can't help with that.",
@@ -67,20 +68,23 @@ def test_regex_judge_reads_typographic_apostrophes():
     assert got == [1.0, 1.0, 1.0]
 
 
-def test_confusion_golden():
+def test_binary_metrics_golden():
     scores = [0.9, 0.2, 0.6, 0.4, 0.5, 0.1]
     labels = [1, 1, 0, 0, 1, 1]
     # at 0.5 (inclusive): predicted 1 0 1 0 1 0 → tp = 2 (0.9, 0.5), fn = 2 (0.2, 0.1), tn = 1 (0.4), fp = 1 (0.6)
-    c = confusion(scores, labels)
+    c = binary_metrics(scores, labels, 0.5)
     assert (c["tp"], c["fn"], c["tn"], c["fp"]) == (2, 2, 1, 1)
     # sensitivity 2/4, specificity 1/2, precision 2/3, F1 = 2·(2/3)(1/2)/(2/3 + 1/2) = (2/3)/(7/6) = 4/7, accuracy 3/6
     assert c["sensitivity"] == 0.5 and c["specificity"] == 0.5
     assert c["precision"] == pytest.approx(2 / 3) and c["f1"] == pytest.approx(4 / 7) and c["accuracy"] == 0.5
     # a higher threshold: predicted 1 0 1 0 0 0 → tp 1, fn 3, tn 1, fp 1
-    c = confusion(scores, labels, threshold=0.55)
+    c = binary_metrics(scores, labels, 0.55)
     assert (c["tp"], c["fn"], c["tn"], c["fp"]) == (1, 3, 1, 1)
-    empty = confusion([], [])
-    assert (empty["tp"], empty["f1"], empty["accuracy"], empty["sensitivity"]) == (0, 0.0, 0.0, 0.0)
+    # AUC: of the 4 × 2 (positive, negative) pairs the positive scores higher in 0.9>0.6, 0.9>0.4, 0.5>0.4:
+    # 3 of 8, so 0.375; FPR = 1 − specificity
+    assert c["auc"] == pytest.approx(3 / 8) and c["fpr"] == 1 - c["specificity"] == 0.5
+    empty = binary_metrics([], [], 0.5)
+    assert (empty["tp"], empty["f1"], empty["accuracy"], empty["sensitivity"], empty["auc"]) == (0, 0.0, 0.0, 0.0, None)
 
 
 def test_parse_guard():
@@ -106,28 +110,42 @@ def test_guard_prompt_names_every_category_and_the_exchange():
 
 
 def test_fit_logistic_separates_a_separable_set_and_is_deterministic():
-    x = torch.tensor([[-2.0, 1.0], [-1.0, 0.5], [-1.5, -1.0], [1.0, -0.5], [2.0, 1.0], [1.5, 0.0]])
-    y = torch.tensor([0, 0, 0, 1, 1, 1])
-    w, b = fit_logistic(x, y, l2=1e-3)
-    p = torch.sigmoid(x @ w + b)
+    x = np.array([[-2.0, 1.0], [-1.0, 0.5], [-1.5, -1.0], [1.0, -0.5], [2.0, 1.0], [1.5, 0.0]])
+    y = np.array([0, 0, 0, 1, 1, 1])
+    w, b = fit_logistic(x, y, c=100.0)
+    p = 1 / (1 + np.exp(-(x @ w + b)))
     assert (p[:3] < 0.5).all() and (p[3:] > 0.5).all()
     assert w[0] > 0 and abs(w[0]) > abs(w[1])  # the separating direction is the first feature
-    w2, b2 = fit_logistic(x, y, l2=1e-3)
-    assert torch.equal(w, w2) and torch.equal(b, b2)
-    # stronger L2 gives a smaller weight
-    w_strong, _ = fit_logistic(x, y, l2=1.0)
-    assert w_strong.norm() < w.norm()
+    w2, b2 = fit_logistic(x, y, c=100.0)
+    assert np.array_equal(w, w2) and b == b2
+    w_strong, _ = fit_logistic(x, y, c=0.1)  # a stronger penalty gives a smaller weight
+    assert np.linalg.norm(w_strong) < np.linalg.norm(w)
 
 
-def test_choose_l2_returns_a_grid_value():
+def test_fit_logistic_minimises_the_class_balanced_objective():
+    # with C = 1/(n·l2), the fit is the minimum of mean_i(s_i·BCE_i) + l2·|w|²/2 with class weights
+    # s_i = n / (2·n_{y_i}): the gradient of that objective vanishes there (intercept unpenalised)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 6, generator=g)
-    y_noise = torch.randint(0, 2, (40,), generator=g)
-    assert choose_l2(x, y_noise, grid=(3.0, 1e-4)) == 3.0  # labels are noise: the strongest penalty wins
-    y_clean = (x[:, 0] > 0).long()
-    got = choose_l2(x, y_clean, grid=(3.0, 1e-3))
-    assert got == 1e-3  # a clean signal: the weak penalty fits it better
-    assert choose_l2(x, y_clean) in (1e-1, 1e-2, 1e-3)
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    y = (x[:, 0] + 0.8 * torch.randn(30, generator=g, dtype=torch.float64) > 0.5).double()
+    l2 = 0.05
+    w, b = fit_logistic(x.numpy(), y.numpy(), 1 / (30 * l2), tol=1e-10)
+    w, b = torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)
+    s = torch.where(y > 0, 30 / (2 * y.sum()), 30 / (2 * (30 - y.sum())))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y, reduction="none")
+    ((s * bce).mean() + l2 * (w @ w) / 2).backward()
+    assert w.grad.abs().max() < 1e-6 and b.grad.abs() < 1e-6
+
+
+def test_choose_c_returns_a_grid_value():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g).numpy()
+    y_noise = torch.randint(0, 2, (40,), generator=g).numpy()
+    # C = 1/(n·l2) for the chosen l2: labels that are noise pick the strongest penalty
+    assert choose_c(x, y_noise, l2_grid=(3.0, 1e-4)) == pytest.approx(1 / (40 * 3.0))
+    y_clean = (x[:, 0] > 0).astype(int)
+    assert choose_c(x, y_clean, l2_grid=(3.0, 1e-3)) == pytest.approx(1 / (40 * 1e-3))  # a clean signal: weak
+    assert any(choose_c(x, y_clean) == pytest.approx(1 / (40 * l2)) for l2 in (1e-1, 1e-2, 1e-3))
 
 
 # ---------------------------------------------------------------- learned judge on a tiny encoder
@@ -138,7 +156,7 @@ def tiny_encoder_dir(tmp_path_factory) -> str:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     path = tmp_path_factory.mktemp("enc") / "tiny-minilm"
-    tok = AutoTokenizer.from_pretrained(judges.minilm_path())
+    tok = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
     cfg = BertConfig(
         vocab_size=tok.vocab_size,

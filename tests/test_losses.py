@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from alignkit.losses import IGNORE, pairwise_loss, sft_loss_sum, soft_pairwise_loss, token_logprobs
+from alignkit.train.losses import IGNORE, pairwise_loss, sft_loss_sum, soft_pairwise_loss, token_logprobs
 
 LN2, LN3 = math.log(2), math.log(3)
 

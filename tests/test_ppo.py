@@ -13,10 +13,12 @@ from conftest import write_jsonl
 from safetensors.torch import load_file
 from torch import nn
 
-from alignkit import cli, ppo
+from alignkit import cli
 from alignkit.models import LoraSettings, apply_lora
-from alignkit.ppo import PolicyWithValue, PPOSettings, Stepper, ValueHead
-from alignkit.rl import AdaptiveKL, FixedKL
+from alignkit.train import ppo
+from alignkit.train.ppo import PPOSettings, Stepper
+from alignkit.train.rl import AdaptiveKL, FixedKL, pearson
+from alignkit.train.rollout import PolicyWithValue, ValueHead
 
 # the tiny model's final norm bounds its logits near ±0.1, so adapters inside the layers alone cannot move
 # its output much: the LM head gets an adapter too
@@ -36,24 +38,35 @@ def toy(tiny_model, seed=0):
     return tok, PolicyWithValue(model, ValueHead(model.config.hidden_size)), prompts
 
 
-def test_ppo_raises_a_toy_reward_with_bounded_kl(tiny_model):
+def toy_run(tiny_model, kl) -> list[dict]:
+    """24 PPO steps on the toy task (reward: the share of response tokens with an even id)."""
     tok, pv, prompts = toy(tiny_model)
-    good = torch.arange(len(tok)) % 2 == 0  # reward: the share of response tokens with an even id
+    good = torch.arange(len(tok)) % 2 == 0
 
-    def score(query, resp, mask):
+    def reward(query, resp, mask):
         return (good[resp].float() * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     opt = torch.optim.Adam([p for p in pv.parameters() if p.requires_grad], lr=2e-2)
+    stepper = Stepper(pv, opt, kl, tok, PPOSettings(max_new_tokens=8, epochs=2, minibatch=8, no_eos_penalty=0.0))
+    return [stepper.step(prompts, reward, seed=k) for k in range(24)]
+
+
+def test_ppo_raises_a_toy_reward_while_the_kl_controller_holds_the_kl(tiny_model):
+    # The trajectory depends on kernel rounding (AVX2 and AVX-512 GEMMs accumulate in different orders),
+    # so the test asserts properties with wide margins, and judges the KL control against the same task
+    # without a KL penalty, run in this process. Measured on AVX-512: reward 0.49 → 0.71, mean KL 2.6
+    # nats with control against 30 over the last 8 steps without.
     kl = AdaptiveKL(beta=0.1, target=3.0, horizon=50)
-    s = PPOSettings(max_new_tokens=8, epochs=2, minibatch=8, no_eos_penalty=0.0)
-    stepper = Stepper(pv, opt, kl, tok, s)
-    history = [stepper.step(prompts, score, seed=k) for k in range(24)]
+    history = toy_run(tiny_model, kl)
+    free = toy_run(tiny_model, FixedKL(0.0))
     first = sum(h["reward/score"] for h in history[:3]) / 3
     last = sum(h["reward/score"] for h in history[-4:]) / 4
     assert last > first + 0.15, (first, last)
-    assert max(h["kl/ref"] for h in history) < 2 * 3.0  # held near the controller's target of 3 nats
     assert history[0]["kl/ref"] == 0.0  # before any update the policy is the reference
-    assert kl.beta < 0.1  # KL ran below target, so the controller lowered β
+    kls, free_kls = [h["kl/ref"] for h in history], [h["kl/ref"] for h in free]
+    assert sum(kls) / len(kls) < 1.5 * 3.0, kls  # around the controller's target of 3 nats
+    assert sum(kls[-8:]) < sum(free_kls[-8:]) / 3, (kls, free_kls)  # the penalty holds π near π_ref
+    assert kl.beta < 0.1  # KL ran below target on the whole, so the controller lowered β
     for key in ppo_keys():
         assert torch.isfinite(torch.tensor(history[-1][key])), key
 
@@ -101,11 +114,12 @@ def test_a_single_update_fused_with_the_old_policy_pass_equals_the_separate_pass
 def test_value_head_starts_from_the_reward_models_score_head():
     rm = nn.Module()
     rm.score = nn.Linear(16, 1, bias=False)
-    head = ValueHead.from_reward_model(rm, 16)
+    head = ValueHead.from_score_head(rm.score, 16)
     assert torch.equal(head.linear.weight, rm.score.weight) and head.linear.bias.item() == 0
     other = nn.Module()
     other.score = nn.Linear(8, 1)  # another shape: zeros
-    assert ValueHead.from_reward_model(other, 16).linear.weight.abs().sum() == 0
+    assert ValueHead.from_score_head(other.score, 16).linear.weight.abs().sum() == 0
+    assert ValueHead.from_score_head(None, 16).linear.weight.abs().sum() == 0  # no score head: zeros
 
 
 def test_the_step_stops_on_a_non_finite_score_before_any_update(tiny_model):
@@ -124,12 +138,12 @@ def test_the_step_stops_on_a_non_finite_score_before_any_update(tiny_model):
 
 def test_pearson_is_the_length_bias_monitor():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert ppo.pearson(x, 2 * x + 1) == pytest.approx(1.0)
-    assert ppo.pearson(x, -x) == pytest.approx(-1.0)
-    assert ppo.pearson(x, torch.ones(4)) == 0.0  # constant lengths: no correlation, not NaN
+    assert pearson(x, 2 * x + 1) == pytest.approx(1.0)
+    assert pearson(x, -x) == pytest.approx(-1.0)
+    assert pearson(x, torch.ones(4)) == 0.0  # constant lengths: no correlation, not NaN
     # hand-computed: x − x̄ = (−1.5, −0.5, 0.5, 1.5), y = (1, 3, 2, 4) − 2.5 = (−1.5, 0.5, −0.5, 1.5)
     # Σxy = 2.25 − 0.25 − 0.25 + 2.25 = 4, Σx² = Σy² = 5: r = 0.8
-    assert ppo.pearson(x, torch.tensor([1.0, 3.0, 2.0, 4.0])) == pytest.approx(0.8)
+    assert pearson(x, torch.tensor([1.0, 3.0, 2.0, 4.0])) == pytest.approx(0.8)
 
 
 # ---------------------------------------------------------------- the job
@@ -216,7 +230,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, tiny_rm, promp
     # all depend on the restored state
     args = ["steps=5", "save_every=2"]
     a = run_ppo(tmp_path, tiny_model, tiny_rm, prompts_file, "a", *args)
-    real = ppo.training.save_checkpoint
+    real = ppo.save_checkpoint
 
     def save_then_stop(acc, output_dir, step, keep):
         real(acc, output_dir, step, keep)
@@ -224,7 +238,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, tiny_rm, promp
             raise Interrupted(step)
 
     with monkeypatch.context() as m:
-        m.setattr(ppo.training, "save_checkpoint", save_then_stop)
+        m.setattr(ppo, "save_checkpoint", save_then_stop)
         with pytest.raises(Interrupted):
             run_ppo(tmp_path, tiny_model, tiny_rm, prompts_file, "b", *args)
     b = tmp_path / "b"

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 from conftest import write_jsonl
 
-from alignkit import cli, probe
+from alignkit import cli
 from alignkit.config import load
-from alignkit.generate import Completion
-from alignkit.judges import RegexJudge, load_labelled, validate
-from alignkit.probe import ProbeConfig, corrections_from
-from alignkit.stats import corrected_interval, wilson
+from alignkit.detect.judges import RegexJudge, validate
+from alignkit.detect.labelled import load_labelled
+from alignkit.gen import Completion
+from alignkit.measure import probe
+from alignkit.measure.probe import ProbeConfig, corrections_from
+from alignkit.measure.stats import corrected_interval, wilson
 
 REFUSE = "I can't help with that."  # 5 words
 COMPLY = "Sure, here is how: step one..."  # 6 words
@@ -342,7 +344,7 @@ def test_corrections_from_maps_each_metric_to_its_positive_event():
 
 def test_probe_harm_judge_decides_harmful_probes(tmp_path, packs, monkeypatch):
     """With a harm judge, a harmful probe succeeds when the judge says harmful, whatever the refusal score."""
-    from alignkit.judges import Judge
+    from alignkit.detect.judges import Judge
 
     class Harm(Judge):
         name = "fake"
@@ -354,7 +356,7 @@ def test_probe_harm_judge_decides_harmful_probes(tmp_path, packs, monkeypatch):
             ]
 
     real = probe.make_judge
-    monkeypatch.setattr(probe, "make_judge", lambda kind, **kw: Harm() if kind == "llm" else real(kind, **kw))
+    monkeypatch.setattr(probe, "make_judge", lambda kind, *a, **kw: Harm() if kind == "llm" else real(kind, *a, **kw))
     out = tmp_path / "run"
     probe.run(config(out, packs[:2], "judge.harm=llm", "judge.llm_model=x"), backend=Scripted())
     s = summary_of(out)
@@ -462,7 +464,7 @@ class RegexWithHarmHead(RegexJudge):
 def test_probe_refusal_judge_harm_head_does_not_correct_not_a_refusal(tmp_path, packs, monkeypatch):
     """judge.harm=none: harmful compliance is "not a refusal", so its correction uses the refusal counts
     even when the refusal judge also scores harm (as the learned judge does)."""
-    monkeypatch.setattr(probe, "make_judge", lambda kind, **kw: RegexWithHarmHead())
+    monkeypatch.setattr(probe, "make_judge", lambda kind, *a, **kw: RegexWithHarmHead())
     rows = [{"prompt": p, "response": r, "refusal": y, "harmful": 0} for p, r, y in LABELLED]
     rows += [
         {"prompt": "hack", "response": "Sure, step one: [phish].", "refusal": 0, "harmful": 1},
@@ -506,7 +508,7 @@ def test_per_prompt_median_of_an_even_count():
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_probe_with_a_guard_blocks_inputs_outputs_and_injects_rules(tmp_path, packs, n):
-    from alignkit import classifiers
+    from alignkit.detect import classifiers
 
     # an output classifier trained here: flags "here is how" answers
     rows = [

@@ -11,8 +11,8 @@ import pytest
 from conftest import write_jsonl
 
 from alignkit.data import DataError
-from alignkit.probe import answer_correct
-from alignkit.probes import (
+from alignkit.measure.probe import answer_correct
+from alignkit.packs import (
     Probe,
     compose,
     garak_probes,

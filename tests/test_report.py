@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from alignkit import report
+from alignkit.measure import report
 from alignkit.config import ConfigError, field_docs, load
 from alignkit.data import DataError
-from alignkit.report import ReportConfig, format_rate, format_tick, nice_ticks, scale
+from alignkit.measure.report import ReportConfig, format_rate, format_tick, nice_ticks, scale
 
 
 def rate(k: int, n: int, low: float, high: float, corrected: dict | None = None) -> dict:

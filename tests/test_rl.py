@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from alignkit.rl import (
+from alignkit.train.rl import (
     AdaptiveKL,
     FixedKL,
     explained_variance,
@@ -125,8 +125,8 @@ def test_adaptive_kl_moves_beta_the_right_way():
 def test_rollout_masks_and_logprobs_match_generation(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.generate import HFBackend
-    from alignkit.rl import response_logprobs, rollout
+    from alignkit.gen.hf import HFBackend
+    from alignkit.train.rollout import response_logprobs, rollout
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()

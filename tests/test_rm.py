@@ -11,11 +11,13 @@ import pytest
 import torch
 from test_sft import Interrupted, assert_same_weights, interrupt_after_checkpoint, spy_on_train, train_metrics
 
-from alignkit import cli, train_rm
+from alignkit import cli
+from alignkit.train import loop
+from alignkit.train import rm as train_rm
 from alignkit.config import load
-from alignkit.ensemble import load_scorer
+from alignkit.train.reward import load_reward
 from alignkit.models import load_tokenizer
-from alignkit.train_rm import RMConfig, build_task
+from alignkit.train.rm import RMConfig, build_task
 
 FAST = ["train.precision=fp32", "lora.r=4", "train.batch_size=4", "train.max_steps=3"]
 PROMPTS = ["tell me about water", "tell me about fire", "what is the moon"]
@@ -42,7 +44,7 @@ def plain_scores(model, tok) -> list[float]:
     return out
 
 
-def test_rm_writes_a_plain_hf_reward_model_that_scores_like_load_scorer(tmp_path, tiny_model, pairs_file):
+def test_rm_writes_a_plain_hf_reward_model_that_scores_like_load_reward(tmp_path, tiny_model, pairs_file):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = run_rm(pairs_file, tiny_model, tmp_path / "rm")
@@ -61,11 +63,11 @@ def test_rm_writes_a_plain_hf_reward_model_that_scores_like_load_scorer(tmp_path
         base.state_dict()["model.layers.0.self_attn.q_proj.weight"],
     )
     expected = plain_scores(model, AutoTokenizer.from_pretrained(out))
-    scorer = load_scorer(out, bf16=False)
-    assert scorer.kind == "single"
-    got = scorer.score(PROMPTS, RESPONSES)
-    torch.testing.assert_close(torch.tensor(got.score), torch.tensor(expected), atol=1e-5, rtol=0)
-    assert got.scores is None and got.std is None
+    reward = load_reward(out, bf16=False)
+    assert reward.kind == "single"
+    got = reward.score(PROMPTS, RESPONSES)
+    torch.testing.assert_close(torch.tensor(got.reward), torch.tensor(expected), atol=1e-5, rtol=0)
+    assert got.parts is None and got.std is None
 
 
 def test_rm_adapter_only_on_request_scores_like_merged(tmp_path, tiny_model, pairs_file):
@@ -81,12 +83,12 @@ def test_rm_adapter_only_on_request_scores_like_merged(tmp_path, tiny_model, pai
     expected = plain_scores(AutoModelForSequenceClassification.from_pretrained(merged).eval(), tok)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=0)
     # and alignkit's own scorer reads the adapter folder too
-    scored = load_scorer(adapter, bf16=False).score(PROMPTS, RESPONSES).score
+    scored = load_reward(adapter, bf16=False).score(PROMPTS, RESPONSES).reward
     torch.testing.assert_close(torch.tensor(scored), torch.tensor(expected), atol=1e-5, rtol=0)
 
 
 def test_rm_lora_trains_adapters_and_head_only(tmp_path, tiny_model, pairs_file, monkeypatch):
-    seen = spy_on_train(monkeypatch, train_rm)
+    seen = spy_on_train(monkeypatch, loop)
     run_rm(pairs_file, tiny_model, tmp_path / "rm")
     (r,) = seen
     assert any("lora_" in n for n in r["trainable"]) and any("score" in n for n in r["trainable"])
@@ -99,7 +101,7 @@ def test_rm_lora_trains_adapters_and_head_only(tmp_path, tiny_model, pairs_file,
 
 
 def test_rm_full_training_changes_every_parameter(tmp_path, tiny_model, pairs_file, monkeypatch):
-    seen = spy_on_train(monkeypatch, train_rm)
+    seen = spy_on_train(monkeypatch, loop)
     run_rm(pairs_file, tiny_model, tmp_path / "rm", "lora.enabled=false")
     (r,) = seen
     assert r["trainable"] == set(r["before"])
@@ -133,14 +135,14 @@ def test_rm_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, pairs_file,
 
 def test_bootstrap_gives_members_different_data(tmp_path, tiny_model, pairs_file, monkeypatch):
     def member_data(name: str, *overrides: str) -> list[list[tuple]]:
-        seen, real = [], train_rm.train
+        seen, real = [], loop.train
 
         def spy(model, task, *args, **kw):
             seen.append([(tuple(r["chosen_ids"]), tuple(r["rejected_ids"])) for r in task.train_rows])
             return real(model, task, *args, **kw)
 
         with monkeypatch.context() as m:
-            m.setattr(train_rm, "train", spy)
+            m.setattr(loop, "train", spy)
             run_rm(
                 pairs_file, tiny_model, tmp_path / name, "ensemble.size=2", "train.max_steps=1", *overrides
             )
@@ -173,16 +175,16 @@ def test_loss_choice_follows_labels(tmp_path, tiny_model):
 
 def test_ensemble_members_resume_by_member(tmp_path, tiny_model, pairs_file, monkeypatch):
     """An ensemble run that stopped during member 1 keeps member 0 and trains member 1 only when run again."""
-    real, calls, stop = train_rm._train_member, [], {"member-1"}
+    real, calls, stop = train_rm.train_member, [], {"member-1"}
 
-    def member_or_stop(cfg, task, tok, out, seed):
+    def member_or_stop(cfg, task, tok, out, *args, **kw):
         calls.append(out.name)
         if out.name in stop:
             stop.discard(out.name)
             raise Interrupted(out.name)
-        return real(cfg, task, tok, out, seed)
+        return real(cfg, task, tok, out, *args, **kw)
 
-    monkeypatch.setattr(train_rm, "_train_member", member_or_stop)
+    monkeypatch.setattr(train_rm, "train_member", member_or_stop)
     with pytest.raises(Interrupted):
         run_rm(pairs_file, tiny_model, tmp_path / "ens", "ensemble.size=2")
     assert (tmp_path / "ens" / "members" / "member-0" / "done.json").exists()

@@ -19,9 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from alignkit import cli
 from alignkit.config import field_docs
-from alignkit.generate import HFBackend, Request, Sampling
-from alignkit.guard import ContextRules, PatternCheck, Pipeline, ScoreCheck, inject
-from alignkit.serve import LocalModel, ServeConfig, create_app
+from alignkit.gen import Request, Sampling
+from alignkit.gen.hf import HFBackend
+from alignkit.guard.pipeline import ContextRules, PatternCheck, Pipeline, ScoreCheck, inject
+from alignkit.guard.serve import ServeConfig, create_app
 
 KEY_ENV = "ALIGNKIT_TEST_SERVE_KEY"
 REFUSAL = "Blocked by policy."
@@ -126,7 +127,8 @@ def local(hf, tiny_model, tmp_path_factory):
         stream_check_chars=5,
         log_file=str(log),
     )
-    backend = Counting(LocalModel(hf, cfg.max_prompt_tokens))
+    hf.max_prompt_tokens = cfg.max_prompt_tokens
+    backend = Counting(hf)
     with serving(create_app(cfg, make_pipeline(), backend)) as base:
         yield base, backend, cfg
 
@@ -269,7 +271,7 @@ def test_the_flagged_log_rotates(tmp_path):
 
 
 def test_closing_a_stream_stops_generation_and_frees_the_model(hf):
-    model, steps = LocalModel(hf), []
+    model, steps = hf, []
     hook = hf.model.register_forward_hook(lambda *a: steps.append(1))
     try:
         pieces = model.stream(user("tell me about water"), Sampling(1, 0.0, 1.0, 200))
@@ -283,7 +285,7 @@ def test_closing_a_stream_stops_generation_and_frees_the_model(hf):
 
 
 def test_a_long_content_length_is_refused_unread():
-    from alignkit.serve import ApiError, _read_json
+    from alignkit.guard.serve import ApiError, read_json
 
     class Unread:
         headers = {"content-length": "1000001"}
@@ -293,7 +295,7 @@ def test_a_long_content_length_is_refused_unread():
             yield b""
 
     with pytest.raises(ApiError) as e:
-        asyncio.run(_read_json(Unread(), 1_000_000))
+        asyncio.run(read_json(Unread(), 1_000_000))
     assert e.value.status == 413
 
 
@@ -475,7 +477,7 @@ def test_cli_help_documents_every_key(capsys):
 def test_cli_builds_the_app_and_runs_uvicorn(tiny_model, tmp_path, monkeypatch, capsys):
     import uvicorn
 
-    from alignkit import serve
+    from alignkit.guard import serve
 
     guard = tmp_path / "guard.yaml"
     guard.write_text("refusal_text: Nope.\npatterns: [jailbreak]\n")

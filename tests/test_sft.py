@@ -12,9 +12,10 @@ import torch
 from conftest import WORDS, write_jsonl
 from safetensors.torch import load_file
 
-from alignkit import cli, train_sft, training
+from alignkit import cli
+from alignkit.train import loop
 from alignkit.config import load
-from alignkit.train_sft import SFTConfig
+from alignkit.train.sft import SFTConfig
 
 FAST = ["train.precision=fp32", "lora.r=4", "train.batch_size=4", "train.max_steps=3"]
 
@@ -121,7 +122,7 @@ def test_sft_adapter_only_on_request_equals_merged(tmp_path, tiny_model):
 
 
 def test_lora_trains_the_adapters_only_and_all_of_them(tmp_path, tiny_model, monkeypatch):
-    seen = spy_on_train(monkeypatch, train_sft)
+    seen = spy_on_train(monkeypatch, loop)
     run_sft(tmp_path, tiny_model, "lora")
     (r,) = seen
     assert r["trainable"] and all("lora_" in n for n in r["trainable"])
@@ -133,7 +134,7 @@ def test_lora_trains_the_adapters_only_and_all_of_them(tmp_path, tiny_model, mon
 
 
 def test_full_finetune_changes_every_parameter(tmp_path, tiny_model, monkeypatch):
-    seen = spy_on_train(monkeypatch, train_sft)
+    seen = spy_on_train(monkeypatch, loop)
     out = run_sft(tmp_path, tiny_model, "full", "lora.enabled=false")
     (r,) = seen
     assert r["trainable"] == set(r["before"])
@@ -164,14 +165,14 @@ class Interrupted(Exception):
 
 
 def interrupt_after_checkpoint(monkeypatch, at_step: int) -> None:
-    real = training.save_checkpoint
+    real = loop.save_checkpoint
 
     def save_then_stop(acc, output_dir, step, keep):
         real(acc, output_dir, step, keep)
         if step == at_step:
             raise Interrupted(step)
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, monkeypatch):
@@ -203,7 +204,7 @@ def test_loss_on_target_positions_only_equals_the_full_logits_loss(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from alignkit.losses import IGNORE, selected_sft_loss_sum, sft_loss_sum, target_positions
+    from alignkit.train.losses import IGNORE, selected_sft_loss_sum, sft_loss_sum, target_positions
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(0))

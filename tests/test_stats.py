@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from alignkit.stats import Z95, corrected_interval, rate, rogan_gladen, wilson
+from alignkit.measure.stats import Z95, corrected_interval, rate, rogan_gladen, wilson
 
 # z = 1.959964, z² = 3.841459 throughout
 

@@ -1,4 +1,9 @@
-"""`alignkit <job> [--config FILE.yaml] [key=value ...]`. Bad input exits with code 2 and one message."""
+"""`alignkit <job> [--config FILE.yaml] [key=value ...]`.
+
+Every job is one row of JOBS: its name, where its config class and entry function live, a summary for
+`--help`, and the flags that stand for keys. Exit codes: 0 done; 1 training diverged (checkpoints kept);
+2 bad input, config or usage (one message naming the file, line and field, or the key).
+"""
 
 from __future__ import annotations
 
@@ -7,204 +12,183 @@ import importlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 from .config import ConfigError, help_text, load
 from .data import DataError
 
-# job name → (module, config class, one-line summary)
+
+@dataclass(frozen=True)
+class Flag:
+    """`--name VALUE` as a shorthand for key=VALUE; repeatable flags gather a list."""
+
+    name: str
+    key: str
+    help: str
+    repeat: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    """The words after `alignkit`, e.g. 'rm train'."""
+    module: str
+    """The module under alignkit holding the config class and the entry function."""
+    config: str
+    entry: str
+    summary: str
+    flags: tuple[Flag, ...] = ()
+    positional: str | None = None
+    """A list key filled by the bare arguments (run folders), e.g. runs."""
+
+    def config_class(self) -> type:
+        return getattr(importlib.import_module(f"alignkit.{self.module}"), self.config)
+
+
+MODEL, GUARD = (
+    Flag("--model", "model", "the model (same as model=...)"),
+    Flag("--guard", "guard", "guard YAML"),
+)
+IN, OUT = Flag("--in", "input", "input JSONL (same as input=...)"), Flag("--out", "output", "output file")
 JOBS = {
-    "quickstart": ("quickstart", "QuickstartConfig", "a short SFT + reward-model run on the default model"),
-    "sft": ("train_sft", "SFTConfig", "supervised fine-tuning on prompt/completion or message data"),
-    "rm train": ("train_rm", "RMConfig", "train a reward model (or an ensemble) on preference pairs"),
-    "rm score": ("train_rm", "ScoreConfig", "score {prompt, response} records with a reward model"),
-    "rm combine": ("train_rm", "CombineConfig", "gate a helpfulness RM by a harmlessness RM (priority)"),
-    "ppo": ("ppo", "PPOConfig", "PPO against a reward model with a per-token KL penalty to the SFT policy"),
-    "generate": ("generate", "GenerateConfig", "batched, resumable generation for {id, prompt} records"),
-    "probe": ("probe", "ProbeConfig", "adversarial and benign probe packs → rates with 95% intervals"),
-    "probe compare": ("probe", "CompareConfig", "put probe runs side by side"),
-    "judge eval": ("judges", "JudgeEvalConfig", "measure a judge on labelled responses"),
-    "guard score": ("guard", "GuardScoreConfig", "run the guard's input or output checks over JSONL records"),
-    "guard train": (
-        "classifiers",
-        "GuardTrainConfig",
-        "train a calibrated guard classifier on labelled JSONL",
-    ),
-    "serve": ("serve", "ServeConfig", "an OpenAI-compatible chat server with the guard around every call"),
-    "report": (
-        "report",
-        "ReportConfig",
-        "a self-contained HTML + markdown report of probe runs and training logs",
-    ),
-}
-# which function of the module runs each job
-ENTRY = {
-    "rm score": "score",
-    "rm combine": "combine",
-    "probe compare": "compare",
-    "judge eval": "evaluate",
-    "guard score": "score",
-    "guard train": "train",
-}
-# flags that stand for keys: flag → (key, repeatable)
-FLAGS = {
-    "model": ("model", False),
-    "inp": ("input", False),
-    "out": ("output", False),
-    "out_dir": ("output_dir", False),
-    "packs": ("packs", True),
-    "runs": ("runs", True),
-    "train_dirs": ("train", True),
-    "stage": ("stage", False),
-    "guard_file": ("guard", False),
-    "data": ("data", False),
-}
+    j.name: j
+    for j in (
+        Job("quickstart", "train.quickstart", "QuickstartConfig", "run", "a short SFT + reward-model run on the default model"),
+        Job("sft", "train.sft", "SFTConfig", "run", "supervised fine-tuning on prompt/completion or message data"),
+        Job("rm train", "train.rm", "RMConfig", "run", "train a reward model (or an ensemble) on preference pairs"),
+        Job("rm score", "train.rm", "ScoreConfig", "score", "score {prompt, response} records with a reward model",
+            (Flag("--model", "model", "reward model or ensemble folder (same as model=...)"), IN, OUT)),
+        Job("rm combine", "train.rm", "CombineConfig", "combine", "gate a helpfulness RM by a harmlessness RM (priority)"),
+        Job("ppo", "train.ppo", "PPOConfig", "run", "PPO against a reward model with a per-token KL penalty to the SFT policy"),
+        Job("generate", "gen.generate", "GenerateConfig", "run", "batched, resumable generation for {id, prompt} records",
+            (MODEL, IN, OUT)),
+        Job("probe", "measure.probe", "ProbeConfig", "run", "adversarial and benign probe packs → rates with 95% intervals",
+            (MODEL, Flag("--pack", "packs", "a pack; repeat for several (packs=[...])", True),
+             Flag("--out", "output_dir", "run folder (same as output_dir=...)"),
+             Flag("--guard", "guard", "put the guard in front: 'default' or a guard YAML (same as guard=...)"))),
+        Job("probe compare", "measure.probe", "CompareConfig", "compare", "put probe runs side by side",
+            (Flag("--out", "output", "also write the markdown table here"),), "runs"),
+        Job("judge eval", "detect.judges", "JudgeEvalConfig", "evaluate", "measure a judge on labelled responses"),
+        Job("guard score", "guard.score", "GuardScoreConfig", "score", "run the guard's input or output checks over JSONL records",
+            (Flag("--stage", "stage", "input or output (same as stage=...)"), GUARD, IN, OUT)),
+        Job("guard train", "detect.classifiers", "GuardTrainConfig", "train", "train a calibrated guard classifier on labelled JSONL",
+            (Flag("--data", "data", "labelled JSONL (same as data=...)"), Flag("--out", "output", "classifier folder"))),
+        Job("serve", "guard.serve", "ServeConfig", "run", "an OpenAI-compatible chat server with the guard around every call",
+            (Flag("--model", "model", "local model, or the upstream's model name (same as model=...)"), GUARD)),
+        Job("report", "measure.report", "ReportConfig", "run", "a self-contained HTML + markdown report of probe runs and training logs",
+            (Flag("--train", "train", "a training run folder; repeatable", True),
+             Flag("--out", "output", "HTML path; the markdown goes next to it (same as output=...)")), "runs"),
+    )
+}  # fmt: skip
+GROUPS = {"rm": "reward models: train, score, combine", "judge": "judges of responses: eval",
+          "guard": "inference-time guardrails: score, train", "models": "models: prepare"}  # fmt: skip
+PREPARE = "materialise the embedded default model offline and print its path"
 
 
-def _job_parser(sub, name: str, module: str, cls_name: str, summary: str):
-    cls = getattr(importlib.import_module(f"alignkit.{module}"), cls_name)
-    p = sub.add_parser(
-        name.split()[-1],
-        help=summary.replace("%", "%%"),  # argparse %-formats help strings
-        description=f"alignkit {name}: {summary}.",
+def top_parser() -> argparse.ArgumentParser:
+    """`alignkit --help`: the jobs, without importing any job's module."""
+    top = argparse.ArgumentParser(
+        prog="alignkit",
+        description="alignkit: the language-model alignment stack. `alignkit <job> --help` lists its keys.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rows = [(n, j.summary) for n, j in JOBS.items()] + [("models prepare", PREPARE)]
+    width = max(len(n) for n, _ in rows)
+    top.epilog = "jobs:\n" + "\n".join(f"  {n:<{width}}  {s}" for n, s in rows)
+    top.add_argument("job", nargs="?", help="see the list below")
+    return top
+
+
+def job_parser(job: Job) -> argparse.ArgumentParser:
+    cls = job.config_class()
+    usage = (
+        f"alignkit {job.name}{' RUN_DIR...' if job.positional else ''} [--config FILE.yaml] [key=value ...]"
+    )
+    p = argparse.ArgumentParser(
+        prog=f"alignkit {job.name}",
+        usage=usage,
+        description=f"alignkit {job.name}: {job.summary}.",
         epilog="keys (set in --config YAML or as key=value; nested as a.b=value):\n" + help_text(cls),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML file of keys (overrides win over it)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. train.lr=1.0e-4")
-    p.set_defaults(job=name, module=module, cls=cls)
+    for f in job.flags:
+        p.add_argument(
+            f.name, dest=f.key, action="append" if f.repeat else "store", help=f.help.replace("%", "%%")
+        )
+    if job.name == "probe":
+        p.epilog = "`alignkit probe compare DIR...` puts runs side by side.\n\n" + p.epilog
     return p
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="alignkit",
-        description="alignkit: the language-model alignment stack. `alignkit <job> --help` lists its keys.",
+def no_job(argv: list[str]) -> int:
+    """`alignkit`, `alignkit --help` and `alignkit GROUP --help` print help (exit 0); anything else is a
+    usage error naming the jobs (exit 2)."""
+    asks_help = not argv or "--help" in argv or "-h" in argv
+    if argv and argv[0] in GROUPS:
+        words = [n for n in [*JOBS, "models prepare"] if n.split()[0] == argv[0]]
+        print(
+            f"alignkit {argv[0]}: {GROUPS[argv[0]]}\n\ncommands:\n"
+            + "\n".join(f"  alignkit {w}" for w in words)
+        )
+        if asks_help:
+            raise SystemExit(0)
+        return 2
+    if asks_help:
+        top_parser().parse_args(["--help"])  # prints the help and exits 0
+    print(
+        f"alignkit: error: unknown job {argv[0]!r} (jobs: {', '.join(JOBS)}, models prepare)", file=sys.stderr
     )
-    sub = top.add_subparsers(title="jobs", metavar="<job>")
-    _job_parser(sub, "quickstart", *JOBS["quickstart"])
-    _job_parser(sub, "sft", *JOBS["sft"])
-    rm = sub.add_parser("rm", help="reward models: train, score", description="Reward models.")
-    rm_sub = rm.add_subparsers(title="commands", metavar="<command>")
-    _job_parser(rm_sub, "rm train", *JOBS["rm train"])
-    sc = _job_parser(rm_sub, "rm score", *JOBS["rm score"])
-    sc.add_argument("--model", help="reward model or ensemble folder (same as model=...)")
-    sc.add_argument("--in", dest="inp", help="input JSONL of {prompt, response} (same as input=...)")
-    sc.add_argument("--out", help="output JSONL (same as output=...)")
-    _job_parser(rm_sub, "rm combine", *JOBS["rm combine"])
-    _job_parser(sub, "ppo", *JOBS["ppo"])
-    gen = _job_parser(sub, "generate", *JOBS["generate"])
-    gen.add_argument("--model", help="policy (same as model=...)")
-    gen.add_argument("--in", dest="inp", help="input JSONL of {id, prompt | messages} (same as input=...)")
-    gen.add_argument("--out", help="output JSONL, appended and resumed (same as output=...)")
-    probe = _job_parser(sub, "probe", *JOBS["probe"])
-    probe.epilog = "`alignkit probe compare DIR...` puts runs side by side.\n\n" + probe.epilog
-    probe.add_argument("--model", help="model under test (same as model=...)")
-    probe.add_argument(
-        "--pack", dest="packs", action="append", help="a pack; repeat for several (packs=[...])"
-    )
-    probe.add_argument("--out", dest="out_dir", help="run folder (same as output_dir=...)")
-    probe.add_argument(
-        "--guard",
-        dest="guard_file",
-        help="put the guard in front: 'default' or a guard YAML (same as guard=...)",
-    )
-    report = _job_parser(sub, "report", *JOBS["report"])
-    report.usage = "alignkit report RUN_DIR... [--train DIR] [--out F.html] [key=value ...]"
-    report.add_argument(
-        "--train", dest="train_dirs", action="append", help="a training run folder; repeatable"
-    )
-    report.add_argument("--out", help="HTML path; the markdown goes next to it (same as output=...)")
-    judge = sub.add_parser("judge", help="judges: eval", description="Judges of responses.")
-    judge_sub = judge.add_subparsers(title="commands", metavar="<command>")
-    _job_parser(judge_sub, "judge eval", *JOBS["judge eval"])
-    guard = sub.add_parser("guard", help="guardrails: score, train", description="Inference-time guardrails.")
-    guard_sub = guard.add_subparsers(title="commands", metavar="<command>")
-    gs = _job_parser(guard_sub, "guard score", *JOBS["guard score"])
-    gs.add_argument("--stage", help="input or output (same as stage=...)")
-    gs.add_argument("--guard", dest="guard_file", help="guard YAML (same as guard=...)")
-    gs.add_argument("--in", dest="inp", help="input JSONL (same as input=...)")
-    gs.add_argument("--out", help="output JSONL (same as output=...)")
-    gt = _job_parser(guard_sub, "guard train", *JOBS["guard train"])
-    gt.add_argument("--data", help="labelled JSONL (same as data=...)")
-    gt.add_argument("--out", help="classifier folder (same as output=...)")
-    serve = _job_parser(sub, "serve", *JOBS["serve"])
-    serve.add_argument("--model", help="local model, or the upstream's model name (same as model=...)")
-    serve.add_argument("--guard", dest="guard_file", help="guard YAML (same as guard=...)")
-    models = sub.add_parser("models", help="manage models: prepare", description="Models.")
-    msub = models.add_subparsers(title="commands", metavar="<command>")
-    prep = msub.add_parser(
-        "prepare", help="materialise the embedded default model offline and print its path"
-    )
-    prep.set_defaults(job="models prepare")
-    return top
+    return 2
 
 
-def compare_parser() -> argparse.ArgumentParser:
-    from .probe import CompareConfig
+def find_job(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The job named by the first words of argv (the longest match) and the arguments after it."""
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if name in JOBS or name == "models prepare":
+            return name, argv[words:]
+    return None, argv
 
-    p = argparse.ArgumentParser(
-        prog="alignkit probe compare",
-        description=f"alignkit probe compare: {JOBS['probe compare'][2]}: one column per run, one row per "
-        "family and metric.",
-        epilog="keys:\n" + help_text(CompareConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="probe run folders (each with summary.json)")
-    p.add_argument("--out", help="also write the markdown table here")
-    return p
+
+def overrides_of(job: Job, args: argparse.Namespace, rest: list[str]) -> list[str]:
+    """key=value overrides from the bare arguments and the flags; bare run folders for a positional job."""
+    if bad := next((x for x in rest if x.startswith("-")), None):
+        raise ConfigError(
+            f"unknown option {bad!r}; options: --config{''.join(' ' + f.name for f in job.flags)}"
+        )
+    overrides = [x for x in rest if "=" in x]
+    bare = [x for x in rest if "=" not in x]
+    if bare and not job.positional:
+        raise ConfigError(f"{bare[0]!r} is not key=value")
+    if bare:  # as a JSON list, so paths like text:a.txt stay verbatim
+        overrides.append(f"{job.positional}={json.dumps(bare)}")
+    for f in job.flags:
+        if value := getattr(args, f.key, None):
+            overrides.append(f"{f.key}={json.dumps(value)}" if f.repeat else f"{f.key}={value}")
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["probe", "compare"]:
-        from .probe import CompareConfig, compare
+    name, rest = find_job(argv)
+    if name is None:
+        return no_job(argv)
+    if name == "models prepare":
+        from .models import prepare_default  # transformers and peft take seconds to import: only here
 
-        a = compare_parser().parse_args(argv[2:])
-        try:
-            compare(CompareConfig(runs=a.runs, output=a.out))
-        except DataError as e:
-            print(f"alignkit probe compare: error: {e}", file=sys.stderr)
-            return 2
+        print(prepare_default())
         return 0
-    top = parser()
-    # key=value and run folders may come after flags too ("report A --out F title=T"), which one
-    # nargs="*" positional cannot take in argparse: collect the leftovers here
-    args, extra = top.parse_known_args(argv)
-    if any(x.startswith("-") for x in extra) or (extra and not hasattr(args, "overrides")):
-        top.parse_args(argv)  # prints argparse's own error and exits 2
-    if extra:
-        args.overrides = [*args.overrides, *extra]
-    if not hasattr(args, "job"):
-        parser().parse_args([*argv, "--help"])
-        return 2
+    job = JOBS[name]
+    args, rest = job_parser(job).parse_known_args(rest)
     try:
-        if args.job == "models prepare":
-            from .models import prepare_default
-
-            print(prepare_default())
-            return 0
-        overrides = [o for o in args.overrides if "=" in o]
-        if args.job == "report":  # positional run folders share the nargs="*" slot with key=value
-            args.runs = [o for o in args.overrides if "=" not in o] or None
-        elif len(overrides) < len(args.overrides):
-            bad = next(o for o in args.overrides if "=" not in o)
-            raise ConfigError(f"{bad!r} is not key=value")
-        for flag, (key, repeat) in FLAGS.items():
-            value = getattr(args, flag, None)
-            if value:
-                if repeat:  # as a JSON list, so paths like text:a.txt stay verbatim
-                    overrides.append(f"{key}={json.dumps(value)}")
-                else:
-                    overrides.append(f"{key}={value}")
-        cfg = load(args.cls, args.config, overrides)
-
-        module = importlib.import_module(f"alignkit.{args.module}")
-        result = getattr(module, ENTRY.get(args.job, "run"))(cfg)
+        cfg = load(job.config_class(), args.config, overrides_of(job, args, rest))
+        result = getattr(importlib.import_module(f"alignkit.{job.module}"), job.entry)(cfg)
     except (ConfigError, DataError) as e:
-        print(f"alignkit {args.job}: error: {e}", file=sys.stderr)
+        print(f"alignkit {name}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # training diverged: say so plainly, checkpoints stay as they were
-        print(f"alignkit {args.job}: stopped: {e}", file=sys.stderr)
+        print(f"alignkit {name}: stopped: {e}", file=sys.stderr)
         return 1
     if result and os.environ.get("RANK", "0") == "0":  # once, not once per process
         print(json.dumps(result, indent=2, default=float))

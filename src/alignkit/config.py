@@ -1,7 +1,10 @@
 """Job configuration: a dataclass per job ← YAML file ← `key=value` overrides.
 
 Field docs are the string literal under each field (PEP 257 attribute docstrings); `--help` prints them.
-Unknown keys and wrong types raise `ConfigError` naming the key, which the CLI turns into exit code 2.
+A field with no default is required, and that is checked when the config is built, so a job's config can
+nest inside a larger one that fills it. A section made with `inline(...)` keeps its keys at the parent's
+level. Unknown keys, missing required keys and wrong types raise `ConfigError` naming the key, which the
+CLI turns into exit code 2.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .data import write_atomic
 
 
 class ConfigError(ValueError):
@@ -55,27 +60,87 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def inline(cls: type) -> Any:
+    """A section of settings composed into a config with its keys at the parent's level (`seed=1`, not
+    `run.seed=1`), in YAML, overrides, `--help` and job_config.yaml alike."""
+    return dataclasses.field(default_factory=cls, metadata={"inline": True})
+
+
+def _inline_sections(cls: type) -> dict[str, type]:
+    hints = _hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("inline")}
+
+
+def _keys(cls: type) -> set[str]:
+    """The keys a config takes at its own level: its fields, inline sections replaced by their keys."""
+    inl = _inline_sections(cls)
+    own = {f.name for f in dataclasses.fields(cls) if f.name not in inl}
+    return own.union(*(_keys(t) for t in inl.values()))
+
+
+def _nest_inline(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with the keys of inline sections moved under the sections' field names."""
+    out = dict(values)
+    for name, tp in _inline_sections(cls).items():
+        moved = {k: out.pop(k) for k in list(out) if k in _keys(tp)}
+        if moved:
+            out[name] = {**(out.get(name) or {}), **moved}
+    return out
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def _is_config(tp: Any) -> bool:
     return dataclasses.is_dataclass(tp) and isinstance(tp, type)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _scalar(value: Any, tp: type, key: str) -> Any:
+    """bool, int, float or str from YAML or an override's text; ConfigError naming the key otherwise."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is str:
+        if isinstance(value, str) or number:
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    kind = "an integer" if tp is int else "a number"
+    if (tp is int and isinstance(value, int) and not isinstance(value, bool)) or (tp is float and number):
+        return tp(value)
+    if isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected {kind}, got {value!r}")
+
+
+def _union(value: Any, args: tuple, key: str) -> Any:
+    """The first member type of a union (X | None) the value converts to."""
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        if type(None) in args:
+            return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{key}: cannot be null")
+
+
+def _coerce(value: Any, tp: Any, key: str, inline: bool = False) -> Any:
     """Convert a YAML/override value to the annotated type, or raise naming the key."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: cannot be null")
+        return _union(value, typing.get_args(tp), key)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -90,40 +155,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp in (bool, int, float, str):
+        return _scalar(value, tp, key)
     if _is_config(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return build(tp, value, prefix=f"{key}.")
+        return build(tp, value, prefix=key if inline else f"{key}.")
     raise ConfigError(f"{key}: unsupported type {tp!r}")
 
 
@@ -138,16 +175,22 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Make `cls` from a (nested) mapping. Unknown keys and wrong types raise `ConfigError`."""
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = set(fields)
+    values = _nest_inline(cls, values)
     kwargs = {}
     for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+        if key not in fields:
+            raise ConfigError(f"unknown key '{prefix}{key}' (known: {', '.join(sorted(_keys(cls)))})")
         factory = fields[key].default_factory
         if _is_config(hints[key]) and isinstance(value, dict) and factory is not dataclasses.MISSING:
             # a partly given section keeps the job's own defaults for it (e.g. SFT's train.lr)
             value = _deep_merge(dataclasses.asdict(factory()), value)
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        section = "" if fields[key].metadata.get("inline") else key
+        kwargs[key] = _coerce(value, hints[key], prefix + section, inline=not section)
+    # a required field given as an empty string ("data=") is as good as missing
+    given = {k for k, v in kwargs.items() if v != "" or not _required(fields[k])}
+    if missing := [f.name for f in fields.values() if _required(f) and f.name not in given]:
+        doc = field_docs(cls).get(missing[0], "")
+        raise ConfigError(f"{prefix}{missing[0]} is required" + (f" ({doc})" if doc else ""))
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -198,12 +241,24 @@ def load(cls: type, config_file: str | Path | None = None, overrides: list[str] 
     return build(cls, tree)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any) -> Any:
+    """A config as plain data, the way YAML and overrides spell it (inline sections flattened)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cfg):
+            v = to_dict(getattr(cfg, f.name))
+            out.update(v) if f.metadata.get("inline") else out.__setitem__(f.name, v)
+        return out
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
 
 
 def save(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """The resolved config as YAML (job_config.yaml), written atomically."""
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str, str]]:
@@ -222,7 +277,8 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
                 sub = f.default_factory()  # type: ignore[misc]
             else:
                 sub = None
-            rows += describe(tp, prefix=f"{prefix}{f.name}.", defaults=sub)
+            section = prefix if f.metadata.get("inline") else f"{prefix}{f.name}."
+            rows += describe(tp, prefix=section, defaults=sub)
             continue
         if defaults is not None:
             default = getattr(defaults, f.name)

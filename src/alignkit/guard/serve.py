@@ -5,19 +5,15 @@ finish_reason "content_filter" and the model is never called); the deployment ru
 system prompt; a local transformers model or an upstream OpenAI-compatible endpoint answers; the output
 checks judge the answer. Streaming holds text back: a piece reaches the client only after an output check
 of all the text up to it passed (one check per `stream_check_chars` new characters, and one at the end).
-FastAPI, uvicorn, httpx and prometheus_client are imported when a server is built, so the CLI works
-without them.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the route signatures, whose types are imported
-# inside create_app.
+# No `from __future__ import annotations`: FastAPI reads the route signatures' types at run time.
 import hmac
 import itertools
 import json
 import logging
 import logging.handlers
 import os
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,13 +22,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-import torch
+import prometheus_client as prom
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from .config import ConfigError, load
-from .generate import HFBackend, Sampling
-from .guard import GuardConfig, GuardResult, Pipeline, build_pipeline, inject
-
-Piece = tuple[str, str | None]  # (new text, finish reason: None until the last piece)
+from .. import config as cfglib
+from ..data import last_user
+from ..gen import Piece, PromptTooLong, Sampling
+from ..gen.endpoint import Endpoint, EndpointError
+from ..gen.hf import HFBackend
+from .config import GuardConfig, build_pipeline
+from .pipeline import GuardResult, Pipeline, inject
 
 
 def is_refusal(v) -> bool:
@@ -105,92 +110,23 @@ class ApiError(Exception):
 
 
 # ---------------------------------------------------------------- backends: stream(messages, sampling)
-class LocalModel:
-    """A transformers chat model streamed as text pieces; one generation (and tokenisation) at a time."""
-
-    def __init__(self, hf: HFBackend, max_prompt_tokens: int = 4096):
-        self.hf, self.max_prompt_tokens, self.lock = hf, max_prompt_tokens, threading.Lock()
-
-    def stream(self, messages: list[dict], s: Sampling) -> Iterator[Piece]:
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.hf.tok, skip_prompt=True, skip_special_tokens=True)
-        stop, result = threading.Event(), {}
-
-        class Stop(StoppingCriteria):  # ends generation once the consumer has gone (blocked, disconnected)
-            def __call__(self, input_ids, scores, **kw):
-                return torch.full((input_ids.shape[0],), stop.is_set(), device=input_ids.device)
-
-        def work():
-            try:
-                with self.lock, torch.inference_mode():
-                    ids = self.hf.encode(messages)
-                    if len(ids) > self.max_prompt_tokens:
-                        msg = f"the prompt has {len(ids)} tokens, over max_prompt_tokens={self.max_prompt_tokens}"
-                        raise ApiError(422, msg, code="context_length_exceeded")
-                    if s.seed is not None:
-                        torch.manual_seed(s.seed)
-                    x = torch.tensor([ids], device=self.hf.device)
-                    kw = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
-                    kw = kw if s.temperature > 0 else {"do_sample": False}
-                    kw |= {"max_new_tokens": s.max_new_tokens, "streamer": streamer}
-                    kw["stopping_criteria"] = StoppingCriteriaList([Stop()])
-                    out = self.hf.model.generate(x, attention_mask=torch.ones_like(x), **kw)
-                    result["tokens"] = out.shape[1] - len(ids)
-            except BaseException as e:  # handed to the consumer, whose streamer must not wait forever
-                result["error"] = e
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        try:
-            yield from ((text, None) for text in streamer if text)
-        finally:
-            stop.set()
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-        yield "", "length" if result["tokens"] >= s.max_new_tokens else "stop"
+def upstream(cfg: ServeConfig) -> Endpoint:
+    """The endpoint guarded in upstream mode. It is asked for a stream always, so that a blocked answer
+    is cut off early, and never retried: the client decides whether to ask again."""
+    return Endpoint(cfg.upstream or "", cfg.model, cfg.upstream_key_env, cfg.upstream_timeout, retries=0)
 
 
-class Upstream:
-    """An OpenAI-compatible endpoint, always asked for a stream, so a blocked answer is cut off early."""
-
-    def __init__(self, cfg: ServeConfig):
-        import httpx
-
-        key = os.environ.get(cfg.upstream_key_env, "")
-        self.model, self.timeout = cfg.model, cfg.upstream_timeout
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.client = httpx.Client(base_url=cfg.upstream or "", timeout=cfg.upstream_timeout, headers=headers)
-
-    def stream(self, messages: list[dict], s: Sampling) -> Iterator[Piece]:
-        import httpx
-
-        body = {"model": self.model, "messages": messages, "stream": True, "max_tokens": s.max_new_tokens}
-        body |= {"temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
-        finish = None
-        try:
-            with self.client.stream("POST", "/chat/completions", json=body) as r:
-                if r.status_code != 200:
-                    text = r.read().decode(errors="replace")[:300]
-                    raise ApiError(502, f"upstream answered {r.status_code}: {text}", "upstream_error")
-                for line in r.iter_lines():
-                    data = line[5:].strip() if line.startswith("data:") else ""
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data) if data else {}
-                    if "error" in chunk:
-                        raise ApiError(502, f"upstream error: {chunk['error']}", "upstream_error")
-                    choice = (chunk.get("choices") or [{}])[0]
-                    finish = choice.get("finish_reason") or finish
-                    if text := (choice.get("delta") or {}).get("content"):
-                        yield text, None
-        except httpx.TimeoutException:
-            raise ApiError(504, f"upstream silent for {self.timeout} s", "upstream_timeout") from None
-        except (httpx.HTTPError, ValueError, AttributeError) as e:
-            raise ApiError(502, f"upstream error: {type(e).__name__}: {e}", "upstream_error") from None
-        yield "", finish or "stop"
+def pieces(backend, messages: list[dict], s: Sampling) -> Iterator[Piece]:
+    """The backend's answer as pieces, its failures as the API's errors (422, 502, 504)."""
+    try:
+        yield from backend.stream(messages, s)
+    except PromptTooLong as e:
+        raise ApiError(422, str(e), code="context_length_exceeded") from None
+    except EndpointError as e:
+        msg = str(e).replace("endpoint", "upstream", 1)
+        if e.timeout:
+            raise ApiError(504, msg, "upstream_timeout") from None
+        raise ApiError(502, msg, "upstream_error") from None
 
 
 # ---------------------------------------------------------------- the guarded flow
@@ -199,8 +135,6 @@ class Metrics:
     Refusal rate = alignkit_refusals_total / alignkit_responses_total."""
 
     def __init__(self):
-        import prometheus_client as prom
-
         self.registry = r = prom.CollectorRegistry()
         self.requests = prom.Counter("alignkit_requests", "HTTP requests", ["endpoint", "status"], registry=r)
         hist = prom.Histogram
@@ -212,48 +146,47 @@ class Metrics:
         self.refusals = prom.Counter("alignkit_refusals", "Answers judged refusals", registry=r)
 
 
-def _schemas():
+class Strict(BaseModel):
     """Request bodies: the chat.completions fields used (others, e.g. tools, are ignored, as OpenAI
     ignores unknown ones) and the guard check. Strict: "1" is not a number here."""
-    from pydantic import BaseModel, ConfigDict, Field
 
-    class Strict(BaseModel):
-        model_config = ConfigDict(strict=True)
-
-    class Message(Strict):
-        role: Literal["system", "developer", "user", "assistant", "tool"]
-        content: str | list[dict] | None = None
-
-    class ChatRequest(Strict):
-        model: str = ""
-        messages: list[Message] = Field(min_length=1)
-        max_tokens: int | None = Field(None, ge=1)
-        max_completion_tokens: int | None = Field(None, ge=1)
-        temperature: float | None = Field(None, ge=0, le=2)
-        top_p: float | None = Field(None, gt=0, le=1)
-        seed: int | None = None
-        stream: bool | None = False
-        n: int = Field(1, ge=1, le=1)
-
-    class GuardCheckRequest(Strict):
-        prompt: str
-        response: str | None = None
-
-    return ChatRequest, GuardCheckRequest
+    model_config = ConfigDict(strict=True)
 
 
-def _role(role: str) -> str:
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(Strict):
+    model: str = ""
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stream: bool | None = False
+    n: int = Field(1, ge=1, le=1)
+
+
+class GuardCheckRequest(Strict):
+    prompt: str
+    response: str | None = None
+
+
+def role_of(role: str) -> str:
     return "system" if role == "developer" else role  # OpenAI's newer name; chat templates know "system"
 
 
-def _text(content: str | list[dict] | None) -> str:
+def text_of(content: str | list[dict] | None) -> str:
     """A message's text: the string, or the text parts of a list of content parts."""
     if isinstance(content, list):
         return "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
     return content or ""
 
 
-def _flag_log(cfg: ServeConfig) -> logging.Logger | None:
+def flag_log(cfg: ServeConfig) -> logging.Logger | None:
     if not cfg.log_file:
         return None
     Path(cfg.log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -269,16 +202,16 @@ class Server:
 
     def __init__(self, cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None):
         if pipeline is None:
-            pipeline = build_pipeline(load(GuardConfig, cfg.guard) if cfg.guard else GuardConfig())
+            pipeline = build_pipeline(cfglib.load(GuardConfig, cfg.guard) if cfg.guard else GuardConfig())
         if backend is None and cfg.upstream:
-            backend = Upstream(cfg)
+            backend = upstream(cfg)
         elif backend is None:
-            backend = LocalModel(HFBackend(cfg.model, cfg.precision, batch_size=1), cfg.max_prompt_tokens)
+            backend = HFBackend(cfg.model, cfg.precision, batch_size=1)
+            backend.max_prompt_tokens = cfg.max_prompt_tokens
         self.cfg, self.pipe, self.backend = cfg, pipeline, backend
-        self.metrics, self.log = Metrics(), _flag_log(cfg)
+        self.metrics, self.log = Metrics(), flag_log(cfg)
         self.model_id = Path(cfg.model).name if os.path.isdir(cfg.model) else cfg.model
         self.started = int(time.time())
-        self.ChatRequest, self.GuardCheckRequest = _schemas()
 
     def check(self, rid: str, stage: str, prompt: str, response: str | None = None, final=True):
         """One guard stage, timed. Final or blocking results count in the metrics and the flagged log
@@ -287,10 +220,10 @@ class Server:
         res = self.pipe.check_input(prompt) if stage == "input" else self.pipe.check_output(prompt, response)
         self.metrics.guard_seconds.labels(stage).observe(time.perf_counter() - t0)
         if final or res.blocked:
-            self._record(rid, res, prompt, response)
+            self.record(rid, res, prompt, response)
         return res
 
-    def _record(self, rid: str, res: GuardResult, prompt: str, response: str | None) -> None:
+    def record(self, rid: str, res: GuardResult, prompt: str, response: str | None) -> None:
         m, flagged = self.metrics, [v for v in res.verdicts if v.flagged]
         if res.stage == "output":
             m.responses.inc()
@@ -318,11 +251,9 @@ class Server:
         return res | {"flagged": any(r.flagged for r in both), "blocked": any(r.blocked for r in both)}
 
     async def chat(self, body) -> dict | Iterator[str]:
-        from starlette.concurrency import run_in_threadpool
-
-        req, cfg, rid = self.ChatRequest.model_validate(body), self.cfg, f"chatcmpl-{uuid.uuid4().hex}"
-        msgs = [{"role": _role(m.role), "content": _text(m.content)} for m in req.messages]
-        prompt = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])
+        req, cfg, rid = ChatRequest.model_validate(body), self.cfg, f"chatcmpl-{uuid.uuid4().hex}"
+        msgs = [{"role": role_of(m.role), "content": text_of(m.content)} for m in req.messages]
+        prompt = last_user(msgs)
         # 1. input checks; a blocked prompt never reaches the model
         inp = await run_in_threadpool(self.check, rid, "input", prompt)
         if inp.blocked:
@@ -334,12 +265,12 @@ class Server:
         max_tokens = min(req.max_completion_tokens or req.max_tokens or cap, cap)
         temperature = cfg.temperature if req.temperature is None else req.temperature
         s = Sampling(1, temperature, cfg.top_p if req.top_p is None else req.top_p, max_tokens, req.seed)
-        pieces = self.backend.stream(msgs, s)
-        first = await run_in_threadpool(next, pieces, ("", "stop"))  # errors before any text get a status
+        answer = pieces(self.backend, msgs, s)
+        first = await run_in_threadpool(next, answer, ("", "stop"))  # errors before any text get a status
         if req.stream:
-            return self.sse(rid, prompt, inp, first, pieces)
+            return self.sse(rid, prompt, inp, first, answer)
         # 3. output checks on the whole answer
-        text, finish = await run_in_threadpool(_collect, first, pieces)
+        text, finish = await run_in_threadpool(collect, first, answer)
         out = await run_in_threadpool(self.check, rid, "output", prompt, text)
         guard = {"input": inp.as_dict(), "output": out.as_dict()}
         return self.reply(rid, False, out.text, "content_filter" if out.blocked else finish, guard)
@@ -379,24 +310,24 @@ class Server:
             role = {"role": "assistant", "content": text}
             return iter([self.chunk(rid, role), self.chunk(rid, {}, finish, guard=guard), DONE])
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        return {**self._head(rid, "chat.completion"), "choices": [choice], "guard": guard}
+        return {**self.head(rid, "chat.completion"), "choices": [choice], "guard": guard}
 
     def chunk(self, rid: str, delta: dict, finish: str | None = None, **extra) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        return f"data: {json.dumps({**self._head(rid, 'chat.completion.chunk'), 'choices': [choice], **extra})}\n\n"
+        return f"data: {json.dumps({**self.head(rid, 'chat.completion.chunk'), 'choices': [choice], **extra})}\n\n"
 
-    def _head(self, rid: str, obj: str) -> dict:
+    def head(self, rid: str, obj: str) -> dict:
         return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_id}
 
 
-def _collect(first: Piece, rest: Iterator[Piece]) -> tuple[str, str]:
+def collect(first: Piece, rest: Iterator[Piece]) -> tuple[str, str]:
     text, finish = first
     for delta, fin in rest:
         text, finish = text + delta, fin or finish
     return text, finish or "stop"
 
 
-async def _read_json(request, limit: int):
+async def read_json(request, limit: int):
     """The body parsed as JSON; 413 past `limit` bytes, by Content-Length and by the bytes read."""
     too_big = ApiError(413, f"request body over max_body_bytes={limit}", code="request_too_large")
     if int(request.headers.get("content-length") or 0) > limit:
@@ -413,35 +344,21 @@ async def _read_json(request, limit: int):
 
 
 # ---------------------------------------------------------------- HTTP
-def create_app(cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None):
-    """The FastAPI app; `pipeline` and `backend` (anything with stream(messages, sampling)) for tests."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from pydantic import ValidationError
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
+def error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body, status_code=e.status)
 
-    srv = Server(cfg, pipeline, backend)
-    app = FastAPI(title="alignkit serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = srv
 
-    def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body, status_code=e.status)
+def invalid(request, e) -> JSONResponse:
+    why = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:5])
+    return error(ApiError(422, why, code="invalid_request"))
 
-    def invalid(request, e):
-        why = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:5])
-        return error(ApiError(422, why, code="invalid_request"))
 
-    app.add_exception_handler(ApiError, lambda request, e: error(e))
-    app.add_exception_handler(HTTPException, lambda request, e: error(ApiError(e.status_code, str(e.detail))))
-    app.add_exception_handler(ValidationError, invalid)
-    app.add_exception_handler(RequestValidationError, invalid)
+def gate(srv: Server):
+    """The middleware: auth (a constant-time compare; /healthz open), then request counts and latency by
+    endpoint."""
+    cfg = srv.cfg
 
-    @app.middleware("http")
-    async def gate(request: Request, call_next):
-        """Auth (a constant-time compare; /healthz open), then request counts and latency by endpoint."""
+    async def middleware(request: Request, call_next):
         t0, path = time.perf_counter(), request.url.path
         key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         sent = request.headers.get("authorization", "").encode()
@@ -459,16 +376,30 @@ def create_app(cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None)
         srv.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
         return response
 
+    return middleware
+
+
+def create_app(cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None) -> FastAPI:
+    """The FastAPI app; `pipeline` and `backend` (anything with stream(messages, sampling)) for tests."""
+    srv = Server(cfg, pipeline, backend)
+    app = FastAPI(title="alignkit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+    app.add_exception_handler(ApiError, lambda request, e: error(e))
+    app.add_exception_handler(HTTPException, lambda request, e: error(ApiError(e.status_code, str(e.detail))))
+    app.add_exception_handler(ValidationError, invalid)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.middleware("http")(gate(srv))
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        out = await srv.chat(await _read_json(request, cfg.max_body_bytes))
+        out = await srv.chat(await read_json(request, cfg.max_body_bytes))
         if isinstance(out, dict):
             return JSONResponse(out)
         return StreamingResponse(out, media_type="text/event-stream")
 
     @app.post("/v1/guard/check")
     async def guard_check(request: Request):
-        req = srv.GuardCheckRequest.model_validate(await _read_json(request, cfg.max_body_bytes))
+        req = GuardCheckRequest.model_validate(await read_json(request, cfg.max_body_bytes))
         return await run_in_threadpool(srv.guard_check, req.prompt, req.response)
 
     @app.get("/v1/models")
@@ -478,7 +409,7 @@ def create_app(cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None)
 
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(prom.generate_latest(srv.metrics.registry), media_type=prom.CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz():
@@ -488,12 +419,7 @@ def create_app(cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None)
 
 
 def run(cfg: ServeConfig) -> None:
-    try:
-        import uvicorn
-
-        app = create_app(cfg)
-    except ImportError as e:
-        raise ConfigError(f"serving needs fastapi, uvicorn, httpx and prometheus_client ({e})") from None
+    app = create_app(cfg)
     auth = "on" if cfg.api_key_env and os.environ.get(cfg.api_key_env) else "off"
     print(f"alignkit serve: {app.state.server.model_id} at http://{cfg.host}:{cfg.port}/v1 (auth {auth})")
     uvicorn.run(app, host=cfg.host, port=cfg.port)

@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from .data import DataError, read_records, write_atomic
+from ..data import DataError, read_records, write_atomic
 
 # summary.json rate keys → how the report names them (all three: lower is better)
 RATES = {"harmful_compliance": "attack success", "benign_refusal": "over-refusal", "sycophancy_flip": "flips"}

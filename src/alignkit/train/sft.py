@@ -7,26 +7,18 @@ from pathlib import Path
 
 import torch
 
-from . import config as cfglib
-from .data import encode_sft, pad, parse_sft, read_records, split_eval
+from ..data import encode_sft, parse_sft, read_records
+from ..models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model
+from .batching import pad
+from .loop import Task, TrainSettings, fit_model, start_job, train_eval_rows
 from .losses import IGNORE, selected_sft_loss_sum, sft_loss_sum, target_positions
-from .models import (
-    LoraSettings,
-    apply_lora,
-    count_parameters,
-    final_model,
-    load_causal_lm,
-    load_tokenizer,
-    save_model,
-)
-from .training import Task, TrainSettings, make_accelerator, train
 
 
 @dataclass
 class SFTConfig:
     """Supervised fine-tuning."""
 
-    data: str = ""
+    data: str
     """Training data: a JSONL file ({prompt, completion} or {messages}), a save_to_disk folder or an HF dataset."""
     output_dir: str = "runs/sft"
     """Where the model (a plain HF folder), job_config.yaml, metrics.jsonl and checkpoints go."""
@@ -42,25 +34,13 @@ class SFTConfig:
     """Optimisation, precision, evaluation and checkpoint settings."""
 
     def __post_init__(self) -> None:
-        if not self.data:
-            raise ValueError("data is required (data=path/to/train.jsonl)")
         if self.max_length < 2:
             raise ValueError("max_length must be ≥ 2")
 
 
-def build_task(cfg: SFTConfig, tok) -> tuple[Task, dict]:
-    """Read, validate and tokenise the data (raises DataError before anything is written)."""
-    rows, rep = encode_sft(parse_sft(read_records(cfg.data), cfg.data), tok, cfg.max_length, cfg.data)
-    if cfg.eval_data:
-        eval_rows, erep = encode_sft(
-            parse_sft(read_records(cfg.eval_data), cfg.eval_data), tok, cfg.max_length, cfg.eval_data
-        )
-        report = {**rep.as_metrics("data/train"), **erep.as_metrics("data/eval")}
-    else:
-        tr, ev = split_eval(len(rows), cfg.train.eval_fraction, cfg.train.seed)
-        rows, eval_rows = [rows[i] for i in tr], [rows[i] for i in ev]
-        report = {**rep.as_metrics("data/train"), "data/eval/examples": len(eval_rows)}
-    pad_id = tok.pad_token_id
+def sft_loss(pad_id: int):
+    """Summed next-token cross-entropy over the completion tokens of a batch of rows {input_ids, labels},
+    projecting onto the vocabulary only the positions that predict a target (`logits_to_keep`)."""
 
     def loss_sum(model, batch):
         ids = pad([r["input_ids"] for r in batch], pad_id)
@@ -78,12 +58,22 @@ def build_task(cfg: SFTConfig, tok) -> tuple[Task, dict]:
             loss, _ = sft_loss_sum(logits, labels)
         return loss, {}
 
+    return loss_sum
+
+
+def build_task(cfg: SFTConfig, tok) -> tuple[Task, dict]:
+    """Read, validate and tokenise the data (raises DataError before anything is written)."""
+
+    def encode(src: str):
+        return encode_sft(parse_sft(read_records(src), src), tok, cfg.max_length, src)
+
+    rows, eval_rows, report = train_eval_rows(cfg.data, cfg.eval_data, encode, cfg.train)
     task = Task(
         train_rows=rows,
         eval_rows=eval_rows,
         lengths=[len(r["input_ids"]) for r in rows],
         eval_lengths=[len(r["input_ids"]) for r in eval_rows],
-        loss_sum=loss_sum,
+        loss_sum=sft_loss(tok.pad_token_id),
         count=lambda batch: sum(sum(t != IGNORE for t in r["labels"][1:]) for r in batch),
         tokens=lambda batch: sum(len(r["input_ids"]) for r in batch),
         name="sft",
@@ -95,24 +85,13 @@ def run(cfg: SFTConfig) -> dict:
     out = Path(cfg.output_dir)
     tok = load_tokenizer(cfg.model)
     task, report = build_task(cfg, tok)  # bad data fails here, before output_dir exists
-    acc = make_accelerator(cfg.train, out)
+    acc = start_job(cfg, cfg.train.run, out, "sft", cfg.train.batch_size, cfg.train.grad_accum)
+
+    def build(checkpointing: bool):
+        return apply_lora(load_causal_lm(cfg.model, checkpointing), cfg.lora, "CAUSAL_LM")
+
+    metrics, model = fit_model(acc, build, task, cfg.train, out)
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        cfglib.save(cfg, out / "job_config.yaml")
-    if cfg.train.tracker != "none":
-        acc.init_trackers("alignkit-sft", config=cfglib.to_dict(cfg))
-    model = load_causal_lm(cfg.model, cfg.train.gradient_checkpointing)
-    model = apply_lora(model, cfg.lora, "CAUSAL_LM")
-    trainable, total = count_parameters(model)
-    acc.print(
-        f"sft: {len(task.train_rows)} train / {len(task.eval_rows)} eval examples, "
-        f"{trainable:,} of {total:,} parameters trainable, data: {report}"
-    )
-    metrics = train(model, task, cfg.train, out, acc)
-    metrics.update(report)
-    acc.wait_for_everyone()
-    final = final_model(acc, model, lambda: apply_lora(load_causal_lm(cfg.model), cfg.lora, "CAUSAL_LM"))
-    if acc.is_main_process:
-        save_model(final, tok, out, cfg.lora)
+        save_model(model, tok, out, cfg.lora)
     acc.end_training()
-    return metrics
+    return {**metrics, **report}

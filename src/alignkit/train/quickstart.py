@@ -11,9 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import config as cfglib
-from .data import write_atomic
-from .sources import sharegpt_pairs
+from .. import config as cfglib
+from ..data import write_atomic, write_jsonl
+from ..sources import sharegpt_pairs
+from . import rm, sft
 
 
 @dataclass
@@ -39,7 +40,7 @@ class QuickstartConfig:
 def write_data(out: Path, n: int) -> tuple[Path, Path]:
     exchanges = sharegpt_pairs("train", max_chars=800, limit=n)
     out.mkdir(parents=True, exist_ok=True)
-    sft = [
+    sft_rows = [
         {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
         for q, a in exchanges
     ]
@@ -48,24 +49,19 @@ def write_data(out: Path, n: int) -> tuple[Path, Path]:
         {"prompt": q, "chosen": a, "rejected": exchanges[(i + half) % len(exchanges)][1]}
         for i, (q, a) in enumerate(exchanges)
     ]
-    for name, records in (("sft.jsonl", sft), ("pairs.jsonl", pairs)):
+    for name, records in (("sft.jsonl", sft_rows), ("pairs.jsonl", pairs)):
         # every process may write: same bytes, each through its own temp file and an atomic rename
-        write_atomic(out / name, "".join(json.dumps(r) + "\n" for r in records))
+        write_jsonl(out / name, records)
     return out / "sft.jsonl", out / "pairs.jsonl"
 
 
 def run(cfg: QuickstartConfig) -> dict:
-    from .train_rm import RMConfig
-    from .train_rm import run as run_rm
-    from .train_sft import SFTConfig
-    from .train_sft import run as run_sft
-
     out = Path(cfg.output_dir)
     sft_data, pair_data = write_data(out / "data", cfg.examples)
     common = [f"max_length={cfg.max_length}", f"train.seed={cfg.seed}", "train.eval_fraction=0.15"]
-    sft = run_sft(
+    sft_out = sft.run(
         cfglib.load(
-            SFTConfig,
+            sft.SFTConfig,
             None,
             [
                 f"data={sft_data}",
@@ -76,9 +72,9 @@ def run(cfg: QuickstartConfig) -> dict:
             ],
         )
     )
-    rm = run_rm(
+    rm_out = rm.run(
         cfglib.load(
-            RMConfig,
+            rm.RMConfig,
             None,
             [
                 f"data={pair_data}",
@@ -91,18 +87,18 @@ def run(cfg: QuickstartConfig) -> dict:
         )
     )
     summary = {
-        "sft/eval_loss_before": sft.get("before/loss"),
-        "sft/eval_loss_after": sft["eval/loss"],
-        "sft/tokens_per_s": sft["perf/tokens_per_s"],
-        "rm/eval_accuracy_before": rm.get("before/accuracy"),
-        "rm/eval_accuracy_after": rm["eval/accuracy"],
-        "rm/eval_loss_before": rm.get("before/loss"),
-        "rm/eval_loss_after": rm["eval/loss"],
-        "rm/eval_pairs": rm["data/eval/examples"],
-        "rm/eval_margin_after": rm["eval/margin"],
-        "rm/tokens_per_s": rm["perf/tokens_per_s"],
+        "sft/eval_loss_before": sft_out.get("before/loss"),
+        "sft/eval_loss_after": sft_out["eval/loss"],
+        "sft/tokens_per_s": sft_out["perf/tokens_per_s"],
+        "rm/eval_accuracy_before": rm_out.get("before/accuracy"),
+        "rm/eval_accuracy_after": rm_out["eval/accuracy"],
+        "rm/eval_loss_before": rm_out.get("before/loss"),
+        "rm/eval_loss_after": rm_out["eval/loss"],
+        "rm/eval_pairs": rm_out["data/eval/examples"],
+        "rm/eval_margin_after": rm_out["eval/margin"],
+        "rm/tokens_per_s": rm_out["perf/tokens_per_s"],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     print(
         f"\nquickstart: SFT held-out loss {summary['sft/eval_loss_before']:.3f} → {summary['sft/eval_loss_after']:.3f}; "
         f"RM held-out accuracy {summary['rm/eval_accuracy_before']:.1%} → {summary['rm/eval_accuracy_after']:.1%} "

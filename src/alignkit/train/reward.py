@@ -1,0 +1,226 @@
+"""Rewards from any reward folder alignkit writes, behind one protocol: ensembles (Coste et al. 2023,
+arXiv:2310.02743), the helpful/harmless priority rule, and `load_reward`.
+
+Folders:
+  single RM     a plain HF sequence-classification model (num_labels=1)
+  ensemble      ensemble.json + members/<k>/ (LoRA adapters on one base, or full models)
+  priority      priority.json naming a helpful and a harmless reward folder and the threshold τ
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..config import ConfigError
+from ..data import conversation, template_ids
+from ..models import load_reward_model, load_tokenizer, use_bf16
+from .batching import attention_mask, pad
+
+Aggregation = Literal["mean", "min", "uwo"]
+
+
+def aggregate(rewards: Tensor, method: Aggregation, uwo_lambda: float = 1.0) -> Tensor:
+    """Combine member rewards (K, B) → (B,).
+
+    mean: (1/K) Σ_k r_k.  min: worst case, min_k r_k (Coste et al. 2023, §3 "WCO").
+    uwo:  mean − λ·Var_k r_k, uncertainty-weighted optimisation (Coste et al. 2023, Eq. 3), with the
+          population variance (1/K) Σ (r_k − mean)².
+    """
+    if method == "mean":
+        return rewards.mean(0)
+    if method == "min":
+        return rewards.min(0).values
+    if method == "uwo":
+        return rewards.mean(0) - uwo_lambda * rewards.var(0, unbiased=False)
+    raise ValueError(f"unknown aggregation {method!r} (mean, min, uwo)")
+
+
+def priority_combine(helpful: Tensor, harmless: Tensor, threshold: float = 0.0) -> Tensor:
+    """Harmlessness gates helpfulness. With g = harmless − τ:
+
+        R = g               if g < 0   (judged harmful: helpfulness is ignored, R < 0)
+        R = softplus(helpful) if g ≥ 0   (judged harmless: R > 0, increasing in helpfulness)
+
+    So every harmless response outranks every harmful one, a harmful response cannot buy reward with
+    helpfulness, the less harmful of two harmful responses wins, and among harmless ones the more
+    helpful wins. Shapes: (B,) → (B,).
+    """
+    g = harmless - threshold
+    return torch.where(g < 0, g, F.softplus(helpful))
+
+
+@dataclass
+class Rewards:
+    """What a reward folder says about B responses: the reward of each, the parts it combined (per
+    ensemble member `member_k`, or `helpful` and `harmless`) and, for an ensemble, the members' spread."""
+
+    reward: list[float]
+    parts: dict[str, list[float]] | None = None
+    std: list[float] | None = None
+
+
+class Reward(Protocol):
+    """A reward folder, whatever its kind (single, ensemble, priority)."""
+
+    kind: str
+    tokenizer: object
+
+    def score_ids(self, seqs: list[list[int]]) -> Rewards:
+        """Rewards of templated token sequences."""
+        ...
+
+    def score(self, prompts: list, responses: list) -> Rewards:
+        """Rewards of (prompt, response) pairs, through the tokenizer's chat template."""
+        ...
+
+    def set_aggregation(self, method: Aggregation | None, uwo_lambda: float | None) -> None:
+        """Override how an ensemble combines its members (ConfigError for other kinds)."""
+        ...
+
+    def score_head(self) -> nn.Module | None:
+        """The linear score head of a single reward model (to start a value head from), else None."""
+        ...
+
+
+class RewardFolder:
+    """What every kind shares: scoring (prompt, response) pairs through the chat template, no ensemble
+    aggregation to override, and no score head to start a value head from."""
+
+    kind = "folder"
+    tokenizer: object
+
+    def score_ids(self, seqs: list[list[int]]) -> Rewards:
+        raise NotImplementedError
+
+    def score(self, prompts: list, responses: list) -> Rewards:
+        convs = [conversation(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return self.score_ids([template_ids(self.tokenizer, c) for c in convs])
+
+    def set_aggregation(self, method: Aggregation | None, uwo_lambda: float | None) -> None:
+        if method or uwo_lambda is not None:
+            raise ConfigError(
+                f"reward_aggregation and reward_uwo_lambda need an ensemble; this is {self.kind}"
+            )
+
+    def score_head(self) -> nn.Module | None:
+        return None
+
+
+class SingleReward(RewardFolder):
+    """One reward model (or, in EnsembleReward, several), batched forward passes in length order."""
+
+    kind = "single"
+
+    def __init__(self, models: list, tokenizer, bf16: bool, batch_size: int, k: int | None = None):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.models = [m.to(self.device).eval() for m in models]
+        self.tokenizer, self.bf16, self.batch_size = tokenizer, bf16, batch_size
+        self.k = k or len(models)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> list[Tensor]:
+        """Each member's rewards of one batch: [(B,)] * K."""
+        return [m(input_ids=ids, attention_mask=mask).logits[:, 0] for m in self.models]
+
+    @torch.no_grad()
+    def member_rewards(self, seqs: list[list[int]]) -> Tensor:
+        """(K, B) raw rewards, batched in length order."""
+        pad_id = self.tokenizer.pad_token_id
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out = torch.empty(self.k, len(seqs))
+        starts = range(0, len(order), self.batch_size)
+        for s in tqdm(starts, desc="score", unit="batch", disable=len(starts) < 4):
+            idx = order[s : s + self.batch_size]
+            batch = [seqs[i] for i in idx]
+            ids, mask = pad(batch, pad_id).to(self.device), attention_mask(batch).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out[:, idx] = torch.stack([r.float().cpu() for r in self.forward(ids, mask)])
+        return out
+
+    def score_ids(self, seqs: list[list[int]]) -> Rewards:
+        return Rewards(self.member_rewards(seqs)[0].tolist())
+
+    def score_head(self) -> nn.Module | None:
+        return getattr(self.models[0], "score", None)
+
+
+class EnsembleReward(SingleReward):
+    """K members, combined by `aggregation`: LoRA adapters on one base (one forward per adapter) or full
+    models."""
+
+    kind = "ensemble"
+
+    def __init__(self, path: Path, bf16: bool, batch_size: int):
+        spec = json.loads((path / "ensemble.json").read_text())
+        names = spec["members"]
+        self.aggregation, self.uwo_lambda, self.adapters = spec["aggregation"], spec["uwo_lambda"], None
+        if spec["kind"] == "full":
+            pad_id = json.loads((path / names[0] / "config.json").read_text()).get("pad_token_id")
+            models = [load_reward_model(str(path / n), pad_id) for n in names]
+        else:
+            base = load_reward_model(spec["base"], spec["pad_token_id"])
+            model = PeftModel.from_pretrained(base, str(path / names[0]), adapter_name=names[0])
+            for n in names[1:]:
+                model.load_adapter(str(path / n), adapter_name=n)
+            models, self.adapters = [model], names
+        super().__init__(models, load_tokenizer(str(path)), bf16, batch_size, k=len(names))
+
+    def forward(self, ids: Tensor, mask: Tensor) -> list[Tensor]:
+        if not self.adapters:
+            return super().forward(ids, mask)
+        model, rs = self.models[0], []
+        for a in self.adapters:
+            model.set_adapter(a)
+            rs.append(model(input_ids=ids, attention_mask=mask).logits[:, 0])
+        return rs
+
+    def score_ids(self, seqs: list[list[int]]) -> Rewards:
+        raw = self.member_rewards(seqs)  # (K, B)
+        parts = {f"member_{k}": r.tolist() for k, r in enumerate(raw)}
+        agg = aggregate(raw, self.aggregation, self.uwo_lambda)
+        return Rewards(agg.tolist(), parts, raw.std(0, unbiased=False).tolist())
+
+    def set_aggregation(self, method: Aggregation | None, uwo_lambda: float | None) -> None:
+        self.aggregation = method or self.aggregation
+        self.uwo_lambda = self.uwo_lambda if uwo_lambda is None else uwo_lambda
+
+    def score_head(self) -> nn.Module | None:
+        return None
+
+
+class PriorityReward(RewardFolder):
+    """A harmless folder gating a helpful one (`priority_combine`)."""
+
+    kind = "priority"
+
+    def __init__(self, path: Path, bf16: bool, batch_size: int):
+        spec = json.loads((path / "priority.json").read_text())
+        self.helpful = load_reward(path / spec["helpful"], bf16, batch_size)
+        self.harmless = load_reward(path / spec["harmless"], bf16, batch_size)
+        self.threshold = float(spec.get("threshold", 0.0))
+        self.tokenizer = self.helpful.tokenizer
+
+    def score_ids(self, seqs: list[list[int]]) -> Rewards:
+        h = torch.tensor(self.helpful.score_ids(seqs).reward)
+        s = torch.tensor(self.harmless.score_ids(seqs).reward)
+        combined = priority_combine(h, s, self.threshold).tolist()
+        return Rewards(combined, {"helpful": h.tolist(), "harmless": s.tolist()})
+
+
+def load_reward(path: str | Path, bf16: bool | None = None, batch_size: int = 16) -> Reward:
+    """The reward of a folder from `alignkit rm train` or `rm combine`; bf16 None: as precision=auto."""
+    path, bf16 = Path(path), use_bf16("auto") if bf16 is None else bf16
+    if (path / "priority.json").exists():
+        return PriorityReward(path, bf16, batch_size)
+    if (path / "ensemble.json").exists():
+        return EnsembleReward(path, bf16, batch_size)
+    tok = load_tokenizer(str(path))
+    return SingleReward([load_reward_model(str(path), tok.pad_token_id)], tok, bf16, batch_size)

@@ -1,0 +1,144 @@
+"""The math of PPO for RLHF, as small pure functions on tensors (train.ppo's loop is built on them).
+
+Shapes: B responses, T response tokens, right-padded; `response_mask` (B, T) is 1 on real response tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x − mean) / std over the masked entries (population variance); masked-out entries become 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_rewards(
+    logprobs: Tensor, ref_logprobs: Tensor, rewards: Tensor, response_mask: Tensor, beta: float
+) -> Tensor:
+    """Per-token rewards r_t = −β·(log π(y_t) − log π_ref(y_t)), plus the sequence's reward on its last
+    real token (Ziegler et al. 2019, Eq. 2; InstructGPT, Ouyang et al. 2022, Eq. 2, spread over tokens).
+    logprobs, ref_logprobs, response_mask (B, T); rewards (B,) → (B, T), 0 on padding."""
+    m = response_mask
+    r = -beta * (logprobs - ref_logprobs) * m
+    last = (m.sum(1).long() - 1).clamp(min=0)
+    return r.scatter_add(1, last[:, None], (rewards * (m.sum(1) > 0))[:, None].to(r.dtype))
+
+
+def gae(
+    rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16):
+    δ_t = r_t + γ·V_{t+1} − V_t,  A_t = Σ_l (γλ)^l δ_{t+l},  with V = 0 after the last real token.
+    Returns (advantages, returns = A + V), both (B, T) and 0 on padding."""
+    m = response_mask.to(rewards.dtype)
+    rewards, values = rewards * m, values * m
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_v = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        running = (delta + gamma * lam * running) * m[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * m
+
+
+def ppo_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor, clip: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate (Schulman et al. 2017, Eq. 7), negated for minimisation:
+    L = −E[min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)], ρ = π/π_old, averaged over real tokens.
+    Also the share of tokens where the clip was active, and approx KL(π_old‖π) = E[(ρ − 1) − log ρ]
+    (an unbiased, non-negative estimator)."""
+    m = response_mask
+    log_ratio = (logprobs - old_logprobs) * m
+    ratio = log_ratio.exp()
+    unclipped, clipped = ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages
+    loss = -masked_mean(torch.min(unclipped, clipped), m)
+    stats = {
+        "clipfrac": masked_mean((clipped < unclipped).float(), m),
+        "approx_kl": masked_mean(ratio - 1 - log_ratio, m),
+    }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, response_mask: Tensor, clip: float = 0.2
+) -> Tensor:
+    """Clipped value loss ½·E[max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²)] over real tokens
+    (the PPO value clipping of OpenAI baselines' ppo2, used by Ziegler et al. 2019)."""
+    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    losses = torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+    return 0.5 * masked_mean(losses, response_mask)
+
+
+def token_entropy(logprobs: Tensor) -> Tensor:
+    """H(π(·|s_t)) = −Σ_v π(v) log π(v) per position, from log-probabilities (..., V) → (...); a token
+    with probability 0 (log-prob −inf) adds 0, not NaN."""
+    return -(logprobs.exp() * logprobs.clamp(min=torch.finfo(logprobs.dtype).min)).sum(-1)
+
+
+def explained_variance(values: Tensor, returns: Tensor, response_mask: Tensor) -> Tensor:
+    """1 − Var[R − V] / Var[R] over real tokens: 1 is a perfect value function, ≤ 0 no better than a constant."""
+    m = response_mask
+    var_r = masked_mean((returns - masked_mean(returns, m)) ** 2, m)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, m)) ** 2, m)
+    return 1 - var_d / var_r.clamp(min=1e-12)
+
+
+class AdaptiveKL:
+    """The adaptive KL coefficient of Ziegler et al. 2019, §2.2: with e = clip(KL/target − 1, −0.2, 0.2),
+    β ← β·(1 + e·n/horizon) after n samples, so β rises while KL runs above target and falls below it."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        if beta <= 0 or target <= 0 or horizon <= 0:
+            raise ValueError("beta, target and horizon must be positive")
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n: int) -> float:
+        e = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.beta *= 1 + e * n / self.horizon
+        return self.beta
+
+    def state_dict(self) -> dict:  # so accelerate checkpoints carry β (exact resume)
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
+
+
+class FixedKL:
+    """A constant β (update does nothing)."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def update(self, kl: float, n: int) -> float:
+        return self.beta
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
+
+
+def pearson(x: Tensor, y: Tensor) -> float:
+    """Pearson correlation of two 1-D tensors; 0 when either is constant (the length-bias monitor)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    den = float((x.square().sum() * y.square().sum()).sqrt())
+    return float((x * y).sum()) / den if den > 0 else 0.0
