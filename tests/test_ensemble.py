@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import WORDS, write_jsonl
 
 from alignkit import cli
@@ -128,6 +129,7 @@ def _score(model_dir: Path, tmp: Path, records=RECORDS) -> list[dict]:
     tmp.mkdir(parents=True, exist_ok=True)
     src, dst = write_jsonl(tmp / "in.jsonl", records), tmp / "scored" / "out.jsonl"
     assert cli.main(["rm", "score", "--model", str(model_dir), "--in", str(src), "--out", str(dst)]) == 0
+    assert (dst.parent / "out.job_config.yaml").is_file()  # the resolved config, next to the output
     return [json.loads(line) for line in dst.read_text().splitlines()]
 
 
@@ -206,6 +208,7 @@ def test_priority_pair_scores_by_the_priority_rule(lora_ensemble, full_ensemble,
     out = tmp_path / "priority"
     args = [f"helpful={lora_ensemble}", f"harmless={full_ensemble}", f"output_dir={out}", "threshold=0.05"]
     assert cli.main(["rm", "combine", *args]) == 0
+    assert yaml.safe_load((out / "job_config.yaml").read_text())["threshold"] == 0.05
     rows = _score(out, tmp_path)
     helpful = {r["id"]: r["score"] for r in _score(lora_ensemble, tmp_path / "h")}
     harmless = {r["id"]: r["score"] for r in _score(full_ensemble, tmp_path / "s")}

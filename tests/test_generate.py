@@ -355,6 +355,7 @@ def test_generate_resume_false_starts_afresh(tmp_path, lively, monkeypatch):
 
     cfg = load(GenerateConfig, None, [f"input={src}", f"output={out}", "temperature=0", "max_new_tokens=4"])
     assert gen_mod.run(cfg)["skipped"] == 1  # resume: a is done
+    assert load(GenerateConfig, tmp_path / "out.job_config.yaml") == cfg  # the resolved config, next to it
     cfg.resume = False
     assert gen_mod.run(cfg)["generated"] == 1
     assert [r["id"] for r in read_out(out)] == ["a"] and read_out(out)[0]["response"] != "old"

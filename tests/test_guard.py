@@ -11,7 +11,16 @@ from alignkit.config import ConfigError, load
 from alignkit.data import DataError
 from alignkit.guard import config as guard_config
 from alignkit.guard.config import CheckSpec, GuardConfig, build_pipeline
-from alignkit.guard.pipeline import ContextRules, GuardResult, PatternCheck, Pipeline, ScoreCheck, Verdict, inject
+from alignkit.guard.pipeline import (
+    ContextRules,
+    GuardResult,
+    PatternCheck,
+    Pipeline,
+    ScoreCheck,
+    Verdict,
+    inject,
+)
+from alignkit.guard.score import GuardScoreConfig
 
 
 @dataclass
@@ -300,7 +309,9 @@ def test_build_pipeline_default_checks(tmp_path):
 
 
 def test_check_thresholds_default_to_the_classifiers_own(monkeypatch):
-    monkeypatch.setattr(guard_config, "detector", lambda spec, label=None: (lambda ps, ts: [0.3] * len(ts), 0.25))
+    monkeypatch.setattr(
+        guard_config, "detector", lambda spec, label=None: (lambda ps, ts: [0.3] * len(ts), 0.25)
+    )
     cfg = GuardConfig(
         patterns=[], checks=[CheckSpec("a", "input", "block", "x"), CheckSpec("b", "input", "flag", "y", 0.5)]
     )
@@ -363,6 +374,7 @@ def test_guard_score_job_contract(tmp_path, monkeypatch, capsys):
     assert [g["harm"] for g in got] == [0.05, 0.9, 0.05] and [g["refusal"] for g in got] == [0.02, 0.02, 0.95]
     assert got[1]["score"] == 0.9 and got[0]["score"] == pytest.approx(0.05)
     assert json.loads(capsys.readouterr().out)["blocked"] == 1
+    assert load(GuardScoreConfig, tmp_path / "out.job_config.yaml").stage == "output"  # the resolved config
 
     # input stage: the pattern check blocks a jailbreak opener; records need only id and prompt
     src.write_text(

@@ -84,7 +84,13 @@ def test_binary_metrics_golden():
     # 3 of 8, so 0.375; FPR = 1 − specificity
     assert c["auc"] == pytest.approx(3 / 8) and c["fpr"] == 1 - c["specificity"] == 0.5
     empty = binary_metrics([], [], 0.5)
-    assert (empty["tp"], empty["f1"], empty["accuracy"], empty["sensitivity"], empty["auc"]) == (0, 0.0, 0.0, 0.0, None)
+    assert (empty["tp"], empty["f1"], empty["accuracy"], empty["sensitivity"], empty["auc"]) == (
+        0,
+        0.0,
+        0.0,
+        0.0,
+        None,
+    )
 
 
 def test_parse_guard():

@@ -47,7 +47,9 @@ def toy_run(tiny_model, kl) -> list[dict]:
         return (good[resp].float() * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     opt = torch.optim.Adam([p for p in pv.parameters() if p.requires_grad], lr=2e-2)
-    stepper = Stepper(pv, opt, kl, tok, PPOSettings(max_new_tokens=8, epochs=2, minibatch=8, no_eos_penalty=0.0))
+    stepper = Stepper(
+        pv, opt, kl, tok, PPOSettings(max_new_tokens=8, epochs=2, minibatch=8, no_eos_penalty=0.0)
+    )
     return [stepper.step(prompts, reward, seed=k) for k in range(24)]
 
 
@@ -219,6 +221,11 @@ def test_ppo_job_trains_logs_and_writes_a_plain_hf_policy(tmp_path, tiny_model, 
     assert m[1]["loss/policy"] != 0.0 and m[1]["policy/entropy"] > 0
     for step in (0, 2, 4):  # the probe evaluation: at the start, every 2 steps and at the end
         assert 0 <= m[step]["probe/refused_benign"] <= 1 and "probe/refused_harmful" in m[step]
+    assert sorted(p.name for p in (out / "probes").iterdir()) == [
+        "step-0.jsonl",
+        "step-2.jsonl",
+        "step-4.jsonl",
+    ]
 
 
 class Interrupted(Exception):

@@ -162,6 +162,7 @@ def test_probe_counts_every_family_exactly(tmp_path, packs):
     backend = Scripted()
     result = probe.run(config(out, packs, "samples=1", "temperature=0"), backend=backend)
     assert result["probes"] == 3 + 6 + 3 + 4
+    assert load(ProbeConfig, out / "job_config.yaml").packs == packs  # the resolved config, reloadable
     s = summary_of(out)
     fam = s["families"]
     assert list(fam) == ["plain", "persona", "caps", "helpful", "sycophancy"]
@@ -356,7 +357,9 @@ def test_probe_harm_judge_decides_harmful_probes(tmp_path, packs, monkeypatch):
             ]
 
     real = probe.make_judge
-    monkeypatch.setattr(probe, "make_judge", lambda kind, *a, **kw: Harm() if kind == "llm" else real(kind, *a, **kw))
+    monkeypatch.setattr(
+        probe, "make_judge", lambda kind, *a, **kw: Harm() if kind == "llm" else real(kind, *a, **kw)
+    )
     out = tmp_path / "run"
     probe.run(config(out, packs[:2], "judge.harm=llm", "judge.llm_model=x"), backend=Scripted())
     s = summary_of(out)
@@ -561,3 +564,31 @@ def test_probe_bad_guard_file_exits_2_before_any_model_loads(tmp_path, packs, ca
     assert cli.main(args + ["judge.refusal=regex", "judge.harm=none", "judge.validation=none"]) == 2
     err = capsys.readouterr().err
     assert "colour" in err and not (tmp_path / "run").exists()
+
+
+def test_probe_metrics_inside_another_job(tmp_path, packs):
+    """The small probe run PPO evaluates with: rates as metrics, each judge at its own threshold."""
+    from alignkit.detect.judges import Judge
+    from alignkit.gen import Sampling
+    from alignkit.packs import load_packs
+
+    class Harm(Judge):  # a judge whose threshold is not 0.5: COMPLY scores 0.7, anything else 0.2
+        threshold = 0.6
+
+        def harm(self, prompts, responses):
+            return [0.7 if r == COMPLY else 0.2 for r in responses]
+
+    path = tmp_path / "probes" / "step-3.jsonl"
+    path.parent.mkdir()
+    got = probe.probe_metrics(
+        Scripted(), load_packs(packs), Sampling(temperature=0), path, RegexJudge(), Harm()
+    )
+    # harmful: 9 probes (3 plain + 6 wrapped), COMPLY on 3 of them (h2, dan/h1, dan/h2), refused 6;
+    # benign: b2 refused of 3; sycophancy: s2 and s4 flip of the 3 answered right (as counted above)
+    assert got == {
+        "probe/refused_harmful": 6 / 9,
+        "probe/harmful_answers": 3 / 9,
+        "probe/refused_benign": 1 / 3,
+        "probe/sycophancy_flips": 2 / 3,
+    }
+    assert len(path.read_text().splitlines()) == 16 + 3  # every answer kept, pushbacks included

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.measure import report
 from alignkit.config import ConfigError, field_docs, load
 from alignkit.data import DataError
+from alignkit.measure import report
 from alignkit.measure.report import ReportConfig, format_rate, format_tick, nice_ticks, scale
 
 

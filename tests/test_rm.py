@@ -12,11 +12,11 @@ import torch
 from test_sft import Interrupted, assert_same_weights, interrupt_after_checkpoint, spy_on_train, train_metrics
 
 from alignkit import cli
+from alignkit.config import load
+from alignkit.models import load_tokenizer
 from alignkit.train import loop
 from alignkit.train import rm as train_rm
-from alignkit.config import load
 from alignkit.train.reward import load_reward
-from alignkit.models import load_tokenizer
 from alignkit.train.rm import RMConfig, build_task
 
 FAST = ["train.precision=fp32", "lora.r=4", "train.batch_size=4", "train.max_steps=3"]
@@ -192,3 +192,20 @@ def test_ensemble_members_resume_by_member(tmp_path, tiny_model, pairs_file, mon
     assert calls == ["member-0", "member-1", "member-1"]
     spec = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
     assert spec["members"] == ["members/member-0", "members/member-1"]
+
+
+def tracked_tags(folder: Path) -> bytes:
+    """The bytes of every TensorBoard event file under `folder` (scalar tags are stored as plain text)."""
+    files = sorted(folder.rglob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard events under {folder}"
+    return b"".join(f.read_bytes() for f in files)
+
+
+def test_tensorboard_tracker_logs_reward_model_training(tmp_path, tiny_model, pairs_file):
+    # `rm train` once never started its tracker: train.tracker=tensorboard wrote nothing
+    out = run_rm(pairs_file, tiny_model, tmp_path / "rm", "train.tracker=tensorboard")
+    tags = tracked_tags(out)
+    assert b"train/loss" in tags and b"train/accuracy" in tags and b"eval/accuracy" in tags
+    ens = run_rm(pairs_file, tiny_model, tmp_path / "ens", "train.tracker=tensorboard", "ensemble.size=2")
+    for k in (0, 1):  # each member logs to its own tracker
+        assert b"train/loss" in tracked_tags(ens / "members" / f"member-{k}")

@@ -13,8 +13,8 @@ from conftest import WORDS, write_jsonl
 from safetensors.torch import load_file
 
 from alignkit import cli
-from alignkit.train import loop
 from alignkit.config import load
+from alignkit.train import loop
 from alignkit.train.sft import SFTConfig
 
 FAST = ["train.precision=fp32", "lora.r=4", "train.batch_size=4", "train.max_steps=3"]
@@ -221,3 +221,18 @@ def test_loss_on_target_positions_only_equals_the_full_logits_loss(tiny_model):
     part, n_part = selected_sft_loss_sum(selected, labels)
     assert int(n_full) == int(n_part) == 17
     torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)
+
+
+def test_tensorboard_tracker_logs_sft(tmp_path, tiny_model, sft_file):
+    from test_rm import tracked_tags
+
+    out = tmp_path / "run"
+    args = [
+        f"data={sft_file}",
+        f"model={tiny_model}",
+        f"output_dir={out}",
+        "train.max_steps=2",
+        "train.tracker=tensorboard",
+    ]
+    assert cli.main(["sft", *args]) == 0
+    assert b"train/loss" in tracked_tags(out) and b"perf/tokens_per_s" in tracked_tags(out)

@@ -261,6 +261,9 @@ def save(cfg: Any, path: str | Path) -> None:
     write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+REQUIRED = "(required)"
+
+
 def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str, str]]:
     """Rows (key, type, default, doc) for every field, nested sections flattened with dots.
 
@@ -287,18 +290,19 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         else:
-            default = "(required)"
+            default = REQUIRED
         tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
         if typing.get_origin(tp) is typing.Literal:
             tname = "|".join(map(str, typing.get_args(tp)))
-        rows.append((prefix + f.name, tname, repr(default), docs.get(f.name, "")))
+        shown = default if default is REQUIRED else repr(default)
+        rows.append((prefix + f.name, tname, shown, docs.get(f.name, "")))
     return rows
 
 
 def help_text(cls: type) -> str:
     lines = []
     for key, tname, default, doc in describe(cls):
-        lines.append(f"  {key} ({tname}, default {default})")
+        lines.append(f"  {key} ({tname}, {'required' if default == REQUIRED else f'default {default}'})")
         if doc:
             lines += ["      " + ln for ln in textwrap.wrap(doc, 90)]
     return "\n".join(lines)
