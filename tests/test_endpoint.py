@@ -188,3 +188,24 @@ def test_endpoint_specs():
             parse_spec(bad)
     backend = make_backend("hf", "openai:http://127.0.0.1:9/v1#judge")  # no model is loaded for an endpoint
     assert isinstance(backend, EndpointBackend) and backend.endpoint.model == "judge"
+
+
+def test_an_unreachable_endpoint_stops_the_job_with_exit_1(tmp_path, sleeps, capsys):
+    from conftest import write_jsonl
+
+    from alignkit import cli
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hi"}])
+    argv = [
+        "generate",
+        "--model",
+        "openai:http://127.0.0.1:9/v1#m",
+        "--in",
+        str(src),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+    ]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "alignkit generate: stopped: endpoint unreachable" in err and sleeps == [0.5, 1.0, 2.0]
+    assert cli.main([*argv[:2], "openai:localhost#m", *argv[3:]]) == 2  # a malformed spec is a usage error

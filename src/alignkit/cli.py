@@ -1,8 +1,9 @@
 """`alignkit <job> [--config FILE.yaml] [key=value ...]`.
 
 Every job is one row of JOBS: its name, where its config class and entry function live, a summary for
-`--help`, and the flags that stand for keys. Exit codes: 0 done; 1 training diverged (checkpoints kept);
-2 bad input, config or usage (one message naming the file, line and field, or the key).
+`--help`, and the flags that stand for keys. Exit codes: 0 done; 1 training diverged (checkpoints kept)
+or an endpoint failed after its retries; 2 bad input, config or usage (one message naming the file,
+line and field, or the key).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from .config import ConfigError, help_text, load
 from .data import DataError
+from .gen.endpoint import EndpointError
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,12 @@ def overrides_of(job: Job, args: argparse.Namespace, rest: list[str]) -> list[st
     return overrides
 
 
+def resolve(job: Job, rest: list[str]):
+    """The config a job's arguments resolve to (ConfigError/DataError for bad ones); nothing runs."""
+    args, rest = job_parser(job).parse_known_args(rest)
+    return load(job.config_class(), args.config, overrides_of(job, args, rest))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name, rest = find_job(argv)
@@ -180,14 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         print(prepare_default())
         return 0
     job = JOBS[name]
-    args, rest = job_parser(job).parse_known_args(rest)
     try:
-        cfg = load(job.config_class(), args.config, overrides_of(job, args, rest))
+        cfg = resolve(job, rest)
         result = getattr(importlib.import_module(f"alignkit.{job.module}"), job.entry)(cfg)
     except (ConfigError, DataError) as e:
         print(f"alignkit {name}: error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:  # training diverged: say so plainly, checkpoints stay as they were
+    except (FloatingPointError, EndpointError) as e:  # diverged, or an endpoint failed its retries
         print(f"alignkit {name}: stopped: {e}", file=sys.stderr)
         return 1
     if result and os.environ.get("RANK", "0") == "0":  # once, not once per process

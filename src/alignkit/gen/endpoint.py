@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from ..config import ConfigError
 from ..data import Messages
 from . import Completion, Piece, Request, Sampling
 
@@ -49,7 +50,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     """`openai:URL#MODEL` → (base URL, model name)."""
     url, sep, model = spec.removeprefix(ENDPOINT_PREFIX).partition("#")
     if not url.startswith(("http://", "https://")) or not sep or not model:
-        raise ValueError(f"{spec!r}: expected openai:http(s)://HOST[:PORT]/v1#MODEL")
+        raise ConfigError(f"{spec!r}: expected openai:http(s)://HOST[:PORT]/v1#MODEL")
     return url, model
 
 

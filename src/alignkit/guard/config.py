@@ -78,16 +78,16 @@ def build_pipeline(cfg: GuardConfig, detectors: dict[str, Callable] | None = Non
     of loading it (tests; an already-loaded model); their threshold is 0.5 unless set."""
     detectors = detectors or {}
 
-    def scorer(spec: str, label: str | None) -> tuple[Callable, float]:
+    def loaded(spec: str, label: str | None) -> tuple[Callable, float]:
         return (detectors[spec], 0.5) if spec in detectors else detector(spec, label)
 
     groups = {g: PATTERN_GROUPS[g] for g in cfg.patterns}
     checks: list[Check] = [PatternCheck("patterns", "input", "block", groups)] if groups else []
     for c in cfg.checks:
-        fn, own = scorer(c.classifier, c.label)
+        fn, own = loaded(c.classifier, c.label)
         threshold = own if c.threshold is None else c.threshold
         if c.request:
-            req, req_t = scorer(c.request, None)
+            req, req_t = loaded(c.request, None)
             checks.append(RefusalCheck(c.name, fn, req, threshold, req_t, action=c.action))
         else:
             checks.append(ScoreCheck(c.name, c.stage, c.action, fn, threshold, c.name))

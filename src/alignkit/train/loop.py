@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -110,8 +111,14 @@ def make_accelerator(
 ) -> Accelerator:
     """The accelerator of a job whose optimiser step takes `batch_size` examples over all processes (the
     config key `batch_key`, named in errors)."""
+    mixed = "bf16" if use_bf16(run.precision) else "no"
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        # one process may run jobs of different precisions one after another (a pipeline of stages, the
+        # tests); accelerate keeps one state per process and refuses a change, so the last job's state
+        # is cleared first (the process group stays)
+        AcceleratorState._reset_state()
     acc = Accelerator(
-        mixed_precision="bf16" if use_bf16(run.precision) else "no",
+        mixed_precision=mixed,
         log_with=None if run.tracker == "none" else run.tracker,
         project_dir=str(output_dir),
         # without a GPU, processes started by torchrun / `accelerate launch --multi_gpu` join over gloo

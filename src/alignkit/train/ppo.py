@@ -405,7 +405,7 @@ def reward_fn(reward: Reward, tok, messages: list[Messages]) -> Callable:
     """Decode the responses and score them with the reward folder; each part's mean (ensemble members,
     or helpful and harmless) and the ensemble's spread go into the step's stats."""
 
-    def score(query, response, response_mask):
+    def rewards_of(query, response, response_mask):
         texts = [
             tok.decode(r[: int(m.sum())].tolist(), skip_special_tokens=True)
             for r, m in zip(response, response_mask, strict=True)
@@ -416,7 +416,7 @@ def reward_fn(reward: Reward, tok, messages: list[Messages]) -> Callable:
             extra["ensemble/std"] = sum(res.std) / len(res.std)
         return torch.tensor(res.reward), extra
 
-    return score
+    return rewards_of
 
 
 class ProbeEval:
