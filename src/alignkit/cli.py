@@ -129,10 +129,10 @@ def no_job(argv: list[str]) -> int:
     asks_help = not argv or "--help" in argv or "-h" in argv
     if argv and argv[0] in GROUPS:
         words = [n for n in [*JOBS, "models prepare"] if n.split()[0] == argv[0]]
-        print(
-            f"alignkit {argv[0]}: {GROUPS[argv[0]]}\n\ncommands:\n"
-            + "\n".join(f"  alignkit {w}" for w in words)
+        text = f"alignkit {argv[0]}: {GROUPS[argv[0]]}\n\ncommands:\n" + "\n".join(
+            f"  alignkit {w}" for w in words
         )
+        print(text, file=sys.stdout if asks_help else sys.stderr)
         if asks_help:
             raise SystemExit(0)
         return 2
