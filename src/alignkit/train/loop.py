@@ -10,6 +10,7 @@ makes accumulation equal one big batch, N processes equal one, and resume equal 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -228,6 +229,16 @@ def open_run(acc, output_dir: Path, resume: bool) -> tuple[int, MetricsLog]:
     if not resume and acc.is_main_process:
         write_atomic(output_dir / "metrics.jsonl", "")
     return start, log
+
+
+def end_job(acc) -> None:
+    """Once every process is done: drop accelerate's references to the prepared model and optimiser, then
+    finish the trackers and leave the process group. A DDP reducer freed only after its gloo group was
+    destroyed can deadlock (gloo's threads wait for the GIL that the freeing thread holds)."""
+    acc.wait_for_everyone()
+    acc.free_memory()
+    gc.collect()
+    acc.end_training()
 
 
 # ---------------------------------------------------------------- gathering the model

@@ -34,7 +34,15 @@ from ..measure.probe import probe_metrics
 from ..models import LoraSettings, apply_lora, count_parameters, load_causal_lm, load_tokenizer, save_model
 from ..packs import load_pack
 from .batching import prompt_order
-from .loop import RunSettings, latest_checkpoint, make_accelerator, open_run, record_job, save_checkpoint
+from .loop import (
+    RunSettings,
+    end_job,
+    latest_checkpoint,
+    make_accelerator,
+    open_run,
+    record_job,
+    save_checkpoint,
+)
 from .reward import Reward, load_reward
 from .rl import (
     AdaptiveKL,
@@ -511,8 +519,8 @@ def run(cfg: PPOConfig) -> dict:
     acc.wait_for_everyone()
     if acc.is_main_process:
         save_model(acc.unwrap_model(model).policy, tok, out, cfg.lora)
-    acc.wait_for_everyone()  # no process leaves the group while another still uses it
-    acc.end_training()
+    del stepper, model, opt  # the DDP model goes while the process group is alive (see end_job)
+    end_job(acc)  # no process leaves the group while another still uses it
     return {**last, **report}
 
 

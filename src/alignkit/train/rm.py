@@ -24,7 +24,7 @@ from ..data import (
 )
 from ..models import LoraSettings, apply_lora, load_reward_model, load_tokenizer, resolve, save_model
 from .batching import attention_mask, pad
-from .loop import Task, TrainSettings, fit_model, start_job, train_eval_rows
+from .loop import Task, TrainSettings, end_job, fit_model, start_job, train_eval_rows
 from .losses import pairwise_loss, soft_pairwise_loss
 from .reward import Aggregation, load_reward
 
@@ -156,6 +156,7 @@ def train_ensemble(cfg: RMConfig, task: Task, tok, out: Path, is_main: bool) -> 
         for tracker in acc.trackers:  # this member's; the process group stays for the next one
             tracker.finish()
         acc.wait_for_everyone()
+        acc.free_memory()  # the member's prepared model goes while the process group is alive
         results[name] = metrics
     if is_main:
         spec = {
@@ -179,12 +180,12 @@ def run(cfg: RMConfig) -> dict:
         metrics, acc, model = train_member(cfg, task, tok, out, cfg.train.run.seed, "rm", save=True)
         if acc.is_main_process:
             save_model(model, tok, out, cfg.lora)
-        acc.end_training()
+        end_job(acc)
         return {**metrics, **report, "rm/soft_labels": soft}
     top = replace(cfg.train.run, tracker="none")  # each member logs to its own tracker
     acc = start_job(cfg, top, out, "rm", cfg.train.batch_size, cfg.train.grad_accum)
     results = train_ensemble(cfg, task, tok, out, acc.is_main_process)
-    acc.end_training()
+    end_job(acc)
     keys = [k for k in next(iter(results.values())) if k.startswith("eval/")]
     summary = {f"{k}_mean": sum(r[k] for r in results.values()) / len(results) for k in keys}
     return {**summary, **report, "members": results}

@@ -10,7 +10,7 @@ import torch
 from ..data import encode_sft, parse_sft, read_records
 from ..models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model
 from .batching import pad
-from .loop import Task, TrainSettings, fit_model, start_job, train_eval_rows
+from .loop import Task, TrainSettings, end_job, fit_model, start_job, train_eval_rows
 from .losses import IGNORE, selected_sft_loss_sum, sft_loss_sum, target_positions
 
 
@@ -93,5 +93,5 @@ def run(cfg: SFTConfig) -> dict:
     metrics, model = fit_model(acc, build, task, cfg.train, out)
     if acc.is_main_process:
         save_model(model, tok, out, cfg.lora)
-    acc.end_training()
+    end_job(acc)
     return {**metrics, **report}
