@@ -344,12 +344,13 @@ def test_llm_judge_against_an_openai_compatible_endpoint(guard_url, monkeypatch)
     assert judge.harm(prompts, responses) == [1.0, 0.0, 0.0]
     assert judge.categories == [["S9"], [], []]
     assert judge.refusal(prompts, responses) == [None, None, None]
-    assert len(FakeGuard.seen) == 3
-    first = FakeGuard.seen[0]
-    assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-test"
-    body = first["body"]
-    assert body["model"] == "guard-model" and body["temperature"] == 0
-    assert body["messages"] == [{"role": "user", "content": guard_prompt(prompts[0], responses[0])}]
+    assert len(FakeGuard.seen) == 3  # the requests run concurrently, so they may arrive in any order
+    for seen in FakeGuard.seen:
+        assert seen["path"] == "/v1/chat/completions" and seen["auth"] == "Bearer sk-test"
+        assert seen["body"]["model"] == "guard-model" and seen["body"]["temperature"] == 0
+    sent = sorted(seen["body"]["messages"][0]["content"] for seen in FakeGuard.seen)
+    assert all(len(seen["body"]["messages"]) == 1 for seen in FakeGuard.seen)
+    assert sent == sorted(guard_prompt(p, r) for p, r in zip(prompts, responses))
 
 
 def test_judge_eval_job_prints_confusion(tmp_path, capsys):
