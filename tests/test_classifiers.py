@@ -256,3 +256,10 @@ def test_encoder_rows_train_an_ngram_classifier_like_train_rows(tmp_path, capsys
         "validation": 20,
         "positives": 20,
     }
+
+
+def test_a_missing_encoder_adapter_is_a_clear_error(tmp_path, capsys):
+    data = _data(tmp_path)
+    args = ["guard", "train", "--data", str(data), "--out", str(tmp_path / "c"), "minilm_tokens=8"]
+    assert cli.main([*args, f"minilm_adapter={tmp_path / 'nope'}"]) == 2
+    assert "minilm_adapter" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -17,6 +17,7 @@ from peft import PeftModel
 from sklearn.feature_extraction.text import HashingVectorizer
 from transformers import AutoModel, AutoTokenizer
 
+from ..data import DataError
 from ..models import use_bf16
 from ..sources import package_dir
 
@@ -58,6 +59,10 @@ class Encoder:
         path = path or minilm_path()
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        if adapter and not (Path(adapter_path(adapter)) / "adapter_config.json").is_file():
+            raise DataError(
+                adapter, None, "minilm_adapter", "not a LoRA adapter folder (no adapter_config.json)"
+            )
         if adapter:  # a LoRA fine-tune (scripts/train_guard_encoder.py), merged: as fast as the plain model
             self.model = (
                 PeftModel.from_pretrained(self.model, adapter_path(adapter)).merge_and_unload().eval()
