@@ -5,11 +5,7 @@ output checks (block on "SECRET", flag answers starting "Sorry" as refusals), so
 
 import asyncio
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -22,7 +18,7 @@ from alignkit.config import field_docs
 from alignkit.gen import Request, Sampling
 from alignkit.gen.hf import HFBackend
 from alignkit.guard.pipeline import ContextRules, PatternCheck, Pipeline, ScoreCheck, inject
-from alignkit.guard.serve import ServeConfig, create_app
+from alignkit.guard.serve import ServeConfig, create_app, serving
 
 KEY_ENV = "ALIGNKIT_TEST_SERVE_KEY"
 REFUSAL = "Blocked by policy."
@@ -41,29 +37,6 @@ def make_pipeline() -> Pipeline:
         ),
     ]
     return Pipeline(checks, RULES, refusal_text=REFUSAL)
-
-
-@contextmanager
-def serving(app):
-    """The app on a real uvicorn server on a free loopback port, in a thread; shut down on exit."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def client(base: str, key: str = "unused") -> openai.OpenAI:

@@ -14,9 +14,12 @@ import json
 import logging
 import logging.handlers
 import os
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -423,3 +426,26 @@ def run(cfg: ServeConfig) -> None:
     auth = "on" if cfg.api_key_env and os.environ.get(cfg.api_key_env) else "off"
     print(f"alignkit serve: {app.state.server.model_id} at http://{cfg.host}:{cfg.port}/v1 (auth {auth})")
     uvicorn.run(app, host=cfg.host, port=cfg.port)
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """`app` on uvicorn on a free loopback port in a thread, yielding its base URL (tests, benchmarks)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
