@@ -56,13 +56,13 @@ class Encoder:
     def __init__(
         self, path: str | None = None, max_length: int = 256, batch_size: int = 32, adapter: str = ""
     ):
-        path = path or minilm_path()
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
         if adapter and not (Path(adapter_path(adapter)) / "adapter_config.json").is_file():
             raise DataError(
                 adapter, None, "minilm_adapter", "not a LoRA adapter folder (no adapter_config.json)"
             )
+        path = path or minilm_path()
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
         if adapter:  # a LoRA fine-tune (scripts/train_guard_encoder.py), merged: as fast as the plain model
             self.model = (
                 PeftModel.from_pretrained(self.model, adapter_path(adapter)).merge_and_unload().eval()
@@ -84,11 +84,8 @@ class Encoder:
                 chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
             h = self.model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            h = h.float()
-            emb = torch.nn.functional.normalize(
-                (h * m.float()).sum(1) / m.float().sum(1).clamp(min=1), dim=-1
-            )
+            h, m = h.float(), enc["attention_mask"].unsqueeze(-1).float()
+            emb = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
             got.update(zip(chunk, emb, strict=True))
         if len(self.memo) + len(todo) > self.memo_size:
             self.memo.clear()
