@@ -1,4 +1,4 @@
-"""Guard classifiers on held-out dev data (`alignkit.detect.labelled.assemble`), all in one run: input
+"""Guard classifiers on held-out dev data (`scripts/guard_data.py`'s `assemble`), all in one run: input
 detectors' TPR, FPR on real user prompts, AUC and TPR at ≤ 1 % FPR; the input stage on look-alike prompts,
 their unsafe twins and plain harmful requests; refusal and output-harm F1 beside baselines; over-refusal
 precision; leave-one-family-out TPR; NanoGuard side by side; p50/p99 latency per check and cascade stage.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,9 +28,11 @@ from alignkit.detect import classifiers as C
 from alignkit.detect.calibration import binary_metrics, roc_auc, threshold_at_fpr
 from alignkit.detect.features import clear_memos, minilm_path
 from alignkit.detect.judges import RegexJudge
-from alignkit.detect.labelled import assemble
 from alignkit.guard.config import GuardConfig, build_pipeline
 from alignkit.guard.serve import ServeConfig, create_app, serving
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # scripts/ is not a package
+from guard_data import assemble  # noqa: E402
 
 SUBSTRINGS = ("i'm sorry", "i am sorry", "i apologize", "as an ai", "i cannot", "i can't", "i am unable")
 SUBSTRINGS += ("i'm unable",)

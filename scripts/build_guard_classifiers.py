@@ -12,7 +12,7 @@ The classifiers read the guard-tuned MiniLM adapter (detect/weights/encoder). To
 script with --only none (it writes the labelled sets), then scripts/train_guard_encoder.py, then this
 script again.
 
-Every source is split three ways by a hash of a group key (so near-copies stay together): train,
+scripts/guard_data.py assembles the labelled sets. Every source is split three ways by a hash of a group key (so near-copies stay together): train,
 validation (calibration and threshold) and dev (held out, only measured by benchmarks/guard.py).
 ShareGPT is split by conversation index: i % 10 == 0 is the evaluation reserve and never read;
 1–6 train, 7–8 validation, 9 dev. The run is deterministic: same sources, same weights.
@@ -25,9 +25,10 @@ import json
 import sys
 from pathlib import Path
 
+from guard_data import assemble
+
 from alignkit.config import build
 from alignkit.detect import classifiers
-from alignkit.detect.labelled import assemble
 
 
 def main() -> int:

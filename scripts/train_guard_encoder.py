@@ -5,7 +5,7 @@ the response), one linear head per task over the shared mean-pooled embedding.
     python scripts/train_guard_encoder.py [--data runs/guard-data] [--out src/alignkit/detect/weights/encoder]
 
 `--data` holds the labelled sets that `scripts/build_guard_classifiers.py` (or
-`alignkit.detect.labelled.assemble`) writes. Only their encoder split is read: the train split stays for
+`assemble` in `scripts/guard_data.py`) writes. Only their encoder split is read: the train split stays for
 the classifiers' heads, the validation split for calibration and thresholds, the dev split for
 `benchmarks/guard.py`.
 `--leave-out FAMILY` drops that attack family's positives (the leave-one-family-out protocol). Each batch

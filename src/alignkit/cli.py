@@ -62,6 +62,9 @@ JOBS = {
             (Flag("--model", "model", "reward model or ensemble folder (same as model=...)"), IN, OUT)),
         Job("rm combine", "train.rm", "CombineConfig", "combine", "gate a helpfulness RM by a harmlessness RM (priority)"),
         Job("ppo", "train.ppo", "PPOConfig", "run", "PPO against a reward model with a per-token KL penalty to the SFT policy"),
+        Job("cai revise", "cai.revise", "ReviseConfig", "run", "SL-CAI: critique → revision rounds over red-team prompts → SFT set"),
+        Job("cai label", "cai.label", "LabelConfig", "label", "RLAIF: AI-feedback preference labels, both orders averaged, per tier"),
+        Job("cai check", "cai.label", "CheckConfig", "check", "score a feedback model on labelled comparisons (accuracy, ECE, swaps)"),
         Job("generate", "gen.generate", "GenerateConfig", "run", "batched, resumable generation for {id, prompt} records",
             (MODEL, IN, OUT)),
         Job("probe", "measure.probe", "ProbeConfig", "run", "adversarial and benign probe packs → rates with 95% intervals",
@@ -82,7 +85,7 @@ JOBS = {
              Flag("--out", "output", "HTML path; the markdown goes next to it (same as output=...)")), "runs"),
     )
 }  # fmt: skip
-GROUPS = {"rm": "reward models: train, score, combine", "judge": "judges of responses: eval",
+GROUPS = {"rm": "reward models: train, score, combine", "cai": "Constitutional AI: revise, label, check", "judge": "judges of responses: eval",
           "guard": "inference-time guardrails: score, train", "models": "models: prepare"}  # fmt: skip
 PREPARE = "materialise the embedded default model offline and print its path"
 

@@ -4,8 +4,7 @@ Field docs are the string literal under each field (PEP 257 attribute docstrings
 A field with no default is required, and that is checked when the config is built, so a job's config can
 nest inside a larger one that fills it. A section made with `inline(...)` keeps its keys at the parent's
 level. Unknown keys, missing required keys and wrong types raise `ConfigError` naming the key, which the
-CLI turns into exit code 2.
-"""
+CLI turns into exit code 2."""
 
 from __future__ import annotations
 
@@ -56,10 +55,6 @@ def _own_field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def inline(cls: type) -> Any:
     """A section of settings composed into a config with its keys at the parent's level (`seed=1`, not
     `run.seed=1`), in YAML, overrides, `--help` and job_config.yaml alike."""
@@ -67,7 +62,7 @@ def inline(cls: type) -> Any:
 
 
 def _inline_sections(cls: type) -> dict[str, type]:
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("inline")}
 
 
@@ -126,9 +121,7 @@ def _union(value: Any, args: tuple, key: str) -> Any:
         if type(None) in args:
             return None
     errors = []
-    for arg in args:
-        if arg is type(None):
-            continue
+    for arg in [a for a in args if a is not type(None)]:
         try:
             return _coerce(value, arg, key)
         except ConfigError as e:
@@ -173,7 +166,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Make `cls` from a (nested) mapping. Unknown keys and wrong types raise `ConfigError`."""
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = _nest_inline(cls, values)
     kwargs = {}
@@ -269,20 +262,9 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
 
     A nested section's defaults are the job's own (its field's default_factory), e.g. SFT's train.lr."""
     rows = []
-    docs = field_docs(cls)
-    hints = _hints(cls)
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if _is_config(tp):
-            if defaults is not None:
-                sub = getattr(defaults, f.name)
-            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                sub = f.default_factory()  # type: ignore[misc]
-            else:
-                sub = None
-            section = prefix if f.metadata.get("inline") else f"{prefix}{f.name}."
-            rows += describe(tp, prefix=section, defaults=sub)
-            continue
         if defaults is not None:
             default = getattr(defaults, f.name)
         elif f.default is not dataclasses.MISSING:
@@ -291,6 +273,10 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = REQUIRED
+        if _is_config(tp):
+            section = prefix if f.metadata.get("inline") else f"{prefix}{f.name}."
+            rows += describe(tp, prefix=section, defaults=None if default is REQUIRED else default)
+            continue
         tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
         if typing.get_origin(tp) is typing.Literal:
             tname = "|".join(map(str, typing.get_args(tp)))
@@ -304,5 +290,5 @@ def help_text(cls: type) -> str:
     for key, tname, default, doc in describe(cls):
         lines.append(f"  {key} ({tname}, {'required' if default == REQUIRED else f'default {default}'})")
         if doc:
-            lines += ["      " + ln for ln in textwrap.wrap(doc, 90)]
+            lines += ["      " + ln for ln in textwrap.wrap(doc, 90, break_on_hyphens=False)]
     return "\n".join(lines)

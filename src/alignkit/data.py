@@ -31,9 +31,7 @@ class DataError(ValueError):
         super().__init__(f"{where}: {msg}")
 
 
-# ---------------------------------------------------------------- reading
-
-
+# ---------------------------------------------------------------- reading and writing
 def read_records(source: str, split: str = "train") -> list[tuple[int, dict]]:
     """(line number, record) pairs from a JSONL file, a `save_to_disk` folder or an HF dataset name."""
     path = Path(source)
@@ -45,11 +43,10 @@ def read_records(source: str, split: str = "train") -> list[tuple[int, dict]]:
     import datasets
 
     try:
-        ds = (
-            datasets.load_from_disk(str(path))
-            if path.is_dir()
-            else datasets.load_dataset(source, split=split)
-        )
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # the hub is unreachable offline: say so plainly
         raise DataError(source, None, None, f"not a file and not a loadable dataset ({e})") from None
     if isinstance(ds, datasets.DatasetDict):
@@ -120,14 +117,12 @@ def write_atomic(path: str | Path, content: str | bytes) -> None:
         raise
 
 
-# ---------------------------------------------------------------- validation
-
-
 def write_jsonl(path: str | Path, records: list[dict]) -> None:
     """Records as JSON Lines (non-ASCII kept as is), written atomically."""
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+# ---------------------------------------------------------------- validation
 def text_or_messages(rec: dict, key: str, src: str, line: int | None, required: bool = True):
     """A record's field as a string or a validated message list; DataError naming the field if not."""
     if key not in rec or rec[key] is None:
@@ -188,8 +183,7 @@ def parse_pairs(records: list[tuple[int, dict]], src: str) -> list[PairExample]:
         chosen = text_or_messages(rec, "chosen", src, line)
         rejected = text_or_messages(rec, "rejected", src, line)
         # the prompt may be implicit in conversational chosen/rejected (TRL's convention)
-        need_prompt = isinstance(chosen, str)
-        prompt = text_or_messages(rec, "prompt", src, line, required=need_prompt)
+        prompt = text_or_messages(rec, "prompt", src, line, required=isinstance(chosen, str))
         label = rec.get("label", 1.0)
         if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 1:
             raise DataError(src, line, "label", f"must be a number in [0, 1], got {label!r}")
@@ -210,8 +204,6 @@ def parse_scoring(records: list[tuple[int, dict]], src: str) -> list[tuple[Any, 
 
 
 # ---------------------------------------------------------------- tokenisation
-
-
 def as_messages(x: str | Messages, role: str = "user", system: str | None = None) -> Messages:
     """A string as one message of `role`, or a copy of a message list; `system` goes first unless the
     list already opens with a system message."""
@@ -246,8 +238,7 @@ def tokenize_supervised(tok, msgs: Messages) -> tuple[list[int], list[bool]]:
     """Token ids of a conversation and a mask that is True on assistant tokens only.
 
     Each assistant turn's span is the difference between the templated conversation up to that turn
-    and the templated prefix with the generation prompt, so any prefix-consistent template works.
-    """
+    and the templated prefix with the generation prompt, so any prefix-consistent template works."""
     ids = template_ids(tok, msgs)
     mask = [False] * len(ids)
     for i, m in enumerate(msgs):
@@ -270,11 +261,8 @@ class TruncationReport:
     tokens: int = 0
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
-        return {
-            f"{prefix}/examples": self.total,
-            f"{prefix}/truncated": self.truncated,
-            f"{prefix}/dropped": self.dropped,
-        }
+        counts = {"examples": self.total, "truncated": self.truncated, "dropped": self.dropped}
+        return {f"{prefix}/{k}": v for k, v in counts.items()}
 
 
 def encode_sft(examples: list[SFTExample], tok, max_length: int, src: str):

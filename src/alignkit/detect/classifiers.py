@@ -1,10 +1,8 @@
 """Guard classifiers: hashed character n-grams (+ optional MiniLM embedding) → logistic regression,
 Platt-calibrated, with a threshold chosen on a validation split for a target false-positive rate.
-
-`alignkit guard train --data labelled.jsonl --out DIR` trains one; `load(spec)` reads one back. A
-classifier folder holds `classifier.json` (settings, calibration, threshold, validation figures) and
-`weights.safetensors` (coefficients). Records are `{text, label}` (or `{prompt, response, label}` for
-the output stage), with an optional `split` of "train" or "validation"."""
+`alignkit guard train --data labelled.jsonl --out DIR` trains one into a folder of `classifier.json`
+(settings, calibration, threshold, validation figures) and `weights.safetensors` (coefficients);
+`load(spec)` reads one back."""
 
 from __future__ import annotations
 
@@ -20,14 +18,7 @@ from scipy.special import expit
 
 from .. import config as cfglib
 from ..data import DataError, read_records, write_atomic
-from .calibration import (
-    binary_metrics,
-    fit_logistic,
-    platt_fit,
-    roc_auc,
-    threshold_at_fpr_by,
-    threshold_max_f1,
-)
+from . import calibration
 from .features import Features
 
 VERSION = 1
@@ -75,8 +66,7 @@ class Classifier:
 
     def p_unsafe(self, prompts: list[str], texts: list[str]) -> list[float]:
         """Calibrated P(flag) of each text: the responses at the output stage, the prompts at input."""
-        f = self.features.fields
-        if f == ["text"] or f == ["prompt"]:
+        if self.features.fields in (["text"], ["prompt"]):
             recs = [{"text": t, "prompt": t} for t in texts]
         else:
             recs = [{"prompt": p, "response": t} for p, t in zip(prompts, texts, strict=True)]
@@ -158,9 +148,8 @@ class GuardTrainConfig:
     seed: int = 0
     """Seed of the train/validation split."""
     cascade_miss: float = 0.0
-    """With MiniLM features: also fit an n-gram-only first stage, which decides every record it scores
-    outside a band: below it, at most this share of the validation positives; above it, none of the
-    validation negatives. 0: no cascade (every record pays for the encoder)."""
+    """With MiniLM features: also fit an n-gram-only first stage that decides records outside a band (below:
+    at most this share of validation positives; above: no validation negative). 0: no cascade."""
     features: Features = cfglib.inline(Features)
     """The features read off each record (their keys sit at the top level: inputs=, minilm_tokens=, ...)."""
 
@@ -191,9 +180,8 @@ def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
     """Records' own `split` if any record has one (encoder rows count as train), else a seeded stratified
     draw of `fraction`."""
     if any("split" in r for r in records):
-        return [r for r in records if r.get("split", "train") in ("train", "encoder")], [
-            r for r in records if r.get("split") == "validation"
-        ]
+        val = [r for r in records if r.get("split") == "validation"]
+        return [r for r in records if r.get("split", "train") in ("train", "encoder")], val
     rng = np.random.default_rng(seed)
     train, val = [], []
     for lab in (0, 1):
@@ -214,15 +202,15 @@ def fit(train: list[dict], val: list[dict], feats: Features, name: str, cfg: Gua
         if len({r["label"] for r in part}) < 2:
             raise DataError(cfg.data, None, "label", f"the {what} split needs both labels")
     x_tr, x_va = feats(train), feats(val)
-    y_tr = np.array([r["label"] for r in train])
-    y_va = np.array([r["label"] for r in val])
+    y_tr, y_va = (np.array([r["label"] for r in part]) for part in (train, val))
     best = None
     for c in cfg.c_grid:
-        coef, intercept = fit_logistic(x_tr, y_tr, c, solver="liblinear")
+        coef, intercept = calibration.fit_logistic(x_tr, y_tr, c, solver="liblinear")
         s = np.asarray(x_va @ coef).ravel() + intercept
-        a, b = platt_fit(s, y_va)
+        a, b = calibration.platt_fit(s, y_va)
         p = np.clip(expit(a * s + b), 1e-7, 1 - 1e-7)
-        key = (roc_auc(s[y_va == 1], s[y_va == 0]), np.mean(y_va * np.log(p) + (1 - y_va) * np.log(1 - p)))
+        log_lik = np.mean(y_va * np.log(p) + (1 - y_va) * np.log(1 - p))
+        key = (calibration.roc_auc(s[y_va == 1], s[y_va == 0]), log_lik)
         if best is None or key > best[0]:
             best = (key, c, coef, intercept, (a, b))
     _, c, coef, intercept, platt = best
@@ -234,16 +222,16 @@ def fit(train: list[dict], val: list[dict], feats: Features, name: str, cfg: Gua
         clf.band = (float(np.quantile(p1[y_va == 1], cfg.cascade_miss)), float(p1[y_va == 0].max()))
     p_va = clf.predict_proba(val)
     if cfg.threshold_rule == "f1":
-        clf.threshold = threshold_max_f1(p_va, y_va)
+        clf.threshold = calibration.threshold_max_f1(p_va, y_va)
     else:  # within every group of negatives when fpr_by names a field, so a small group is not drowned
         groups = [str(r.get(cfg.fpr_by)) for r in val] if cfg.fpr_by else ["all"] * len(val)
-        clf.threshold = threshold_at_fpr_by(p_va, y_va, groups, cfg.target_fpr)
+        clf.threshold = calibration.threshold_at_fpr_by(p_va, y_va, groups, cfg.target_fpr)
     clf.info = {
         "threshold_rule": cfg.threshold_rule,
         "target_fpr": cfg.target_fpr,
         "C": c,
         "trained_on": {"train": len(train), "validation": len(val), "positives": int(y_tr.sum())},
-        "validation": binary_metrics(p_va, y_va, clf.threshold),
+        "validation": calibration.binary_metrics(p_va, y_va, clf.threshold),
     }
     if clf.first is not None:
         clf.info["second_stage_share"] = clf.counts[1] / max(clf.counts[0], 1)

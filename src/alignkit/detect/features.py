@@ -64,11 +64,9 @@ class Encoder:
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
         if adapter:  # a LoRA fine-tune (scripts/train_guard_encoder.py), merged: as fast as the plain model
-            self.model = (
-                PeftModel.from_pretrained(self.model, adapter_path(adapter)).merge_and_unload().eval()
-            )
+            self.model = PeftModel.from_pretrained(self.model, adapter_path(adapter)).merge_and_unload()
         # bf16 where it is native (about 2× faster for one short text); embeddings come back as fp32
-        self.model.to(torch.bfloat16 if use_bf16("auto") else torch.float32)
+        self.model.to(torch.bfloat16 if use_bf16("auto") else torch.float32).eval()
         self.max_length, self.batch_size = max_length, batch_size
         self.key = hashlib.sha256(f"{path}:{adapter}:{max_length}".encode()).hexdigest()[:12]
         self.memo: dict[str, torch.Tensor] = {}
@@ -83,8 +81,7 @@ class Encoder:
             enc = self.tok(
                 chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
-            h = self.model(**enc).last_hidden_state
-            h, m = h.float(), enc["attention_mask"].unsqueeze(-1).float()
+            h, m = self.model(**enc).last_hidden_state.float(), enc["attention_mask"].unsqueeze(-1).float()
             emb = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
             got.update(zip(chunk, emb, strict=True))
         if len(self.memo) + len(todo) > self.memo_size:
@@ -181,14 +178,9 @@ class Features:
         return ["prompt", "response"] if self.inputs == "prompt+response" else [self.inputs]
 
     @property
-    def sparse_dim(self) -> int:
-        return self.n_features * (2 if self.word_weight else 1) * len(self.fields)
-
-    @property
     def dim(self) -> int:
-        return (
-            self.sparse_dim + (384 * len(self.fields) if self.minilm_tokens else 0) + bool(self.regex_weight)
-        )
+        per_field = self.n_features * (2 if self.word_weight else 1) + (384 if self.minilm_tokens else 0)
+        return per_field * len(self.fields) + bool(self.regex_weight)
 
     def sparse(self, records: list[dict]) -> sp.csr_matrix:
         """The hashed n-gram blocks: cheap, the first stage of a cascade reads only these."""
@@ -218,9 +210,8 @@ class Features:
 
     def __call__(self, records: list[dict], sparse: sp.csr_matrix | None = None) -> sp.csr_matrix:
         """(N, dim) features of records carrying `fields` (`sparse`: their n-gram blocks, if already made)."""
-        return sp.hstack(
-            [self.sparse(records) if sparse is None else sparse, self.dense(records)], format="csr"
-        )
+        x1 = self.sparse(records) if sparse is None else sparse
+        return sp.hstack([x1, self.dense(records)], format="csr")
 
     def settings(self) -> dict:
         return asdict(self)

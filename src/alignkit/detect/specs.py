@@ -5,8 +5,7 @@ and `detector(spec)` loads it as a function (prompts, texts) → scores, with it
   DIR                        a folder written by `alignkit guard train`
   hf:MODEL_DIR               any transformers sequence classifier (a Prompt Guard–style model, say)
   llamaguard:MODEL|URL       a Llama Guard–style generative judge over the S1–S14 hazards
-  judge:KIND-refusal|harm    a probe judge (regex, learned) as a detector
-"""
+  judge:KIND-refusal|harm    a probe judge (regex, learned) as a detector"""
 
 from __future__ import annotations
 

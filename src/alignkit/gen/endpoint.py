@@ -1,10 +1,7 @@
 """One client for OpenAI-compatible chat endpoints (vLLM, llama.cpp, TGI, `alignkit serve`, OpenAI itself):
-batched concurrent requests over a pooled connection, streamed answers, `logprobs`/`top_logprobs` when the
-server offers them, timeouts, and retry with exponential backoff on transport errors, 429 and 5xx.
-
+pooled concurrent requests, streaming, `logprobs`, timeouts, backoff and retry on 429, 5xx, transport errors.
 Every model role that generates (a judge, the guarded server's upstream, a policy under `generate` or
-`probe`) can be an endpoint: `openai:URL#MODEL`, e.g. `openai:http://localhost:8001/v1#llama-3-8b`.
-"""
+`probe`) can be an endpoint: `openai:URL#MODEL`, e.g. `openai:http://localhost:8001/v1#llama-3-8b`."""
 
 from __future__ import annotations
 
@@ -71,12 +68,9 @@ class Endpoint:
         key = os.environ.get(api_key_env, "") if api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        url = base_url.rstrip("/")
         self.client = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            timeout=timeout,
-            headers=headers,
-            limits=limits,
-            transport=transport,
+            base_url=url, timeout=timeout, headers=headers, limits=limits, transport=transport
         )
         self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff
         self.concurrency = concurrency
@@ -124,10 +118,9 @@ class Endpoint:
         r = self.send(self.body(messages, s, logprobs))
         try:
             body = r.json()
-            per_choice = ((body.get("usage") or {}).get("completion_tokens") or 0) // max(
-                len(body["choices"]), 1
-            )
-            return [choice(c, per_choice) for c in body["choices"]]
+            choices = body["choices"]
+            per_choice = ((body.get("usage") or {}).get("completion_tokens") or 0) // max(len(choices), 1)
+            return [choice(c, per_choice) for c in choices]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise EndpointError(f"not a chat completion: {type(e).__name__}: {e}", status=200) from None
 
@@ -189,8 +182,7 @@ class EndpointBackend:
 
     @classmethod
     def from_spec(cls, spec: str, **kw) -> EndpointBackend:
-        url, model = parse_spec(spec)
-        return cls(Endpoint(url, model, **kw))
+        return cls(Endpoint(*parse_spec(spec), **kw))
 
     def generate(self, requests: list[Request], sampling: Sampling) -> Iterator[Completion]:
         answers = self.endpoint.chat_many([r.messages for r in requests], sampling)

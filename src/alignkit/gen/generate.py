@@ -28,8 +28,7 @@ def make_backend(kind: str, model: str, precision: str = "auto", batch_size: int
     if model.startswith(ENDPOINT_PREFIX):
         return EndpointBackend.from_spec(model, concurrency=batch_size)
     if kind == "auto":
-        has_vllm = importlib.util.find_spec("vllm") is not None
-        kind = "vllm" if has_vllm and torch.cuda.is_available() else "hf"
+        kind = "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
     if kind == "vllm":
         from .vllm import VLLMBackend  # vLLM is optional and heavy: imported only when asked for
 
@@ -102,8 +101,7 @@ def read_prompts(source: str, system: str | None = None) -> list[tuple[dict, Req
         if key in seen:
             raise DataError(source, line, "id", f"duplicate id {key!r} (first on line {seen[key]})")
         seen[key] = line
-        field = "messages" if "messages" in rec else "prompt"
-        prompt = text_or_messages(rec, field, source, line)
+        prompt = text_or_messages(rec, "messages" if "messages" in rec else "prompt", source, line)
         out.append((rec, Request(key, as_messages(prompt, "user", system))))
     return out
 
@@ -129,15 +127,10 @@ def done_ids(path: Path) -> set[str]:
 
 
 def run_generation(
-    backend: Backend,
-    pending: list[tuple[dict, Request]],
-    sampling: Sampling,
-    out_path: Path,
-    desc: str = "generate",
+    backend: Backend, pending: list[tuple[dict, Request]], sampling: Sampling, out_path: Path, desc="generate"
 ) -> int:
     """Generate for `pending`, appending each finished record to `out_path`; returns tokens generated."""
-    by_key = {r.key: rec for rec, r in pending}
-    total = 0
+    by_key, total = {r.key: rec for rec, r in pending}, 0
     with (
         out_path.open("a") as f,
         tqdm(total=len(pending), desc=desc, unit="prompt", disable=not pending) as bar,

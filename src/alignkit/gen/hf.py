@@ -2,8 +2,7 @@
 
 Continuous batching: `batch_size` sequences decode together, and as soon as some finish, queued prompts
 are prefilled and take their slots, so the batch never idles on one long answer. Rows of different ages
-share one left-padded KV cache; position ids count each row's own tokens.
-"""
+share one left-padded KV cache; position ids count each row's own tokens."""
 
 from __future__ import annotations
 
@@ -12,14 +11,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    DynamicCache,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TextIteratorStreamer,
-)
+from transformers import AutoModelForCausalLM, DynamicCache, StoppingCriteria, TextIteratorStreamer
 from transformers.cache_utils import DynamicLayer
+from transformers.generation import StoppingCriteriaList
 
 from ..data import Messages, template_ids
 from ..models import load_tokenizer, resolve, use_bf16
@@ -64,12 +58,6 @@ class SlackLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def slack_cache(config) -> DynamicCache:
-    cache = DynamicCache(config=config)
-    cache.layers = [SlackLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
 def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     """Zero-pad `t` on the left of `dim` up to `length`."""
     extra = length - t.shape[dim]
@@ -92,8 +80,8 @@ class Running:
     pos: torch.Tensor  # (B,)
     last: torch.Tensor  # (B,)
 
-    def merge(self, new: Running) -> None:
-        """Append freshly prefilled rows: left-pad the shorter cache so both share one length."""
+    def merge(self, new: Running) -> Running:
+        """Append freshly prefilled rows: left-pad the shorter cache so both share one length; → self."""
         length = max(self.mask.shape[1], new.mask.shape[1])
         for old_l, new_l in zip(self.cache.layers, new.cache.layers, strict=True):
             old_l.keys = torch.cat([left_pad(old_l.keys, length, 2), left_pad(new_l.keys, length, 2)])
@@ -102,6 +90,7 @@ class Running:
         self.pos, self.last = torch.cat([self.pos, new.pos]), torch.cat([self.last, new.last])
         self.rows += new.rows
         self.out_ids += new.out_ids
+        return self
 
     def keep(self, keep: list[int], device) -> None:
         """Keep only rows `keep` (sorted), and drop leading columns no remaining row attends to."""
@@ -127,8 +116,7 @@ class Results:
         self.left = [n] * len(requests)
 
     def finish(self, i: int, s: int, text: str, ids: list[int], ended: bool) -> Completion | None:
-        self.texts[i][s], self.tokens[i][s] = text, len(ids) - ended
-        self.ids[i][s] = ids
+        self.texts[i][s], self.tokens[i][s], self.ids[i][s] = text, len(ids) - ended, ids
         self.left[i] -= 1
         if self.left[i]:
             return None
@@ -179,8 +167,7 @@ class HFBackend:
             for i, r in enumerate(requests)
             for s in range(sampling.n)
         ]
-        queue.sort(key=lambda q: len(q[2]))
-        queue.reverse()
+        queue = sorted(queue, key=lambda q: len(q[2]))[::-1]
         results, run = Results(requests, sampling.n), None
         while queue or run:
             free = self.batch_size - (len(run.rows) if run else 0)
@@ -189,10 +176,7 @@ class HFBackend:
             if queue and (run is None or free >= max(1, self.batch_size // 8)):
                 new = self.prefill([queue.pop() for _ in range(min(free, len(queue)))], sampling, gen)
                 start = len(run.rows) if run else 0
-                if run is None:
-                    run = new
-                else:
-                    run.merge(new)
+                run = new if run is None else run.merge(new)
                 fresh = range(start, len(run.rows))  # only the new rows got a token
             # 2. one decode step for every running row
             else:
@@ -209,7 +193,8 @@ class HFBackend:
         width = max(map(len, prompts))
         ids = torch.tensor([[self.tok.pad_token_id] * (width - len(p)) + p for p in prompts])
         m = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        cache = slack_cache(self.model.config)
+        cache = DynamicCache(config=self.model.config)
+        cache.layers = [SlackLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
         logits = self.forward(ids, m, (m.cumsum(-1) - 1).clamp(min=0), cache)
         first = sample_next(logits, sampling.temperature, sampling.top_p, gen).cpu()
         return Running([(t[0], t[1]) for t in take], [[] for _ in take], cache, m, m.sum(-1), first)
@@ -273,9 +258,8 @@ class HFBackend:
         """transformers' `generate` for one prompt into `streamer`; returns the tokens generated."""
         ids = self.encode(messages)
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            raise PromptTooLong(
-                f"the prompt has {len(ids)} tokens, over max_prompt_tokens={self.max_prompt_tokens}"
-            )
+            msg = f"the prompt has {len(ids)} tokens, over max_prompt_tokens={self.max_prompt_tokens}"
+            raise PromptTooLong(msg)
         if s.seed is not None:
             torch.manual_seed(s.seed)
         x = torch.tensor([ids], device=self.device)

@@ -18,12 +18,9 @@ class VLLMBackend:
         self.llm = LLM(model=resolve(model), dtype=dtype, max_num_seqs=batch_size)
 
     def generate(self, requests: list[Request], sampling: Sampling) -> Iterator[Completion]:
+        s = sampling
         params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            seed=sampling.seed,
+            n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed
         )
         for r, out in zip(requests, self.llm.chat([r.messages for r in requests], params), strict=True):
             yield Completion(r.key, [o.text for o in out.outputs], [len(o.token_ids) for o in out.outputs])

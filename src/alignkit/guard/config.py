@@ -24,11 +24,10 @@ class CheckSpec:
     action: Literal["block", "flag"] = "block"
     """block: replace with the refusal text and stop; flag: pass and log."""
     classifier: str = ""
-    """default:NAME (shipped: jailbreak, harmful_request, refusal, output_harm), a folder written by
-    `alignkit guard train`, hf:MODEL_DIR (a sequence-classification model; `label` names the unsafe
-    class, or !SAFE for 1 − P(SAFE)), llamaguard:MODEL_DIR or llamaguard:URL (a Llama Guard–style
-    generative judge over the S1–S14 hazards; `label` is the endpoint's model name), or
-    judge:learned-refusal / judge:learned-harm / judge:regex-refusal (the probe judges)."""
+    """default:NAME (shipped: jailbreak, harmful_request, refusal, output_harm), a folder from `alignkit
+    guard train`, hf:MODEL_DIR (a sequence classifier; `label` names the unsafe class, or !SAFE for
+    1 − P(SAFE)), llamaguard:MODEL_DIR|URL (a Llama Guard–style judge of the S1–S14 hazards; `label` is
+    the endpoint's model name), or judge:learned-refusal|learned-harm|regex-refusal (the probe judges)."""
     threshold: float | None = None
     """Flag at score ≥ this; null: the classifier's own calibrated threshold (0.5 for adapters)."""
     label: str | None = None

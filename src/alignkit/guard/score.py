@@ -38,8 +38,7 @@ def score(cfg: GuardScoreConfig, detectors: dict[str, Callable] | None = None) -
                 raise DataError(cfg.input, line, key, "missing")
             if key != "id" and not isinstance(rec[key], str):
                 raise DataError(cfg.input, line, key, "must be a string")
-    gcfg = cfglib.load(GuardConfig, cfg.guard) if cfg.guard else GuardConfig()
-    pipe = build_pipeline(gcfg, detectors)
+    pipe = build_pipeline(cfglib.load(GuardConfig, cfg.guard) if cfg.guard else GuardConfig(), detectors)
     prompts = [r["prompt"] for _, r in records]
     responses = [r["response"] for _, r in records] if cfg.stage == "output" else None
     results = pipe.check_many(cfg.stage, prompts, responses)
@@ -47,12 +46,8 @@ def score(cfg: GuardScoreConfig, detectors: dict[str, Callable] | None = None) -
         refusal, harm = output_scores(pipe, prompts, responses)
     rows = []
     for k, ((_, rec), res) in enumerate(zip(records, results, strict=True)):
-        row = {
-            **rec,
-            "flagged": res.flagged,
-            "score": res.score,
-            "verdicts": [v.as_dict() for v in res.verdicts],
-        }
+        verdicts = [v.as_dict() for v in res.verdicts]
+        row = {**rec, "flagged": res.flagged, "score": res.score, "verdicts": verdicts}
         if cfg.stage == "output":
             row["refusal"], row["harm"] = refusal[k] if refusal else None, harm[k] if harm else None
         rows.append(json.dumps(row, ensure_ascii=False) + "\n")

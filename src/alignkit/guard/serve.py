@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import prometheus_client as prom
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -65,7 +66,8 @@ class ServeConfig:
     upstream_timeout: float = 60.0
     """Seconds to wait on the upstream (to connect, and between streamed bytes) before answering 504."""
     guard: str | None = None
-    """Guard YAML (GuardConfig keys); unset: the default guard."""
+    """Guard YAML (GuardConfig keys); unset: the default guard; 'none': no checks (a bare model, e.g.
+    alignkit as its own labeller endpoint)."""
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0: every interface)."""
     port: int = 8000
@@ -171,6 +173,8 @@ class ChatRequest(Strict):
     seed: int | None = None
     stream: bool | None = False
     n: int = Field(1, ge=1, le=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class GuardCheckRequest(Strict):
@@ -205,7 +209,10 @@ class Server:
 
     def __init__(self, cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None):
         if pipeline is None:
-            pipeline = build_pipeline(cfglib.load(GuardConfig, cfg.guard) if cfg.guard else GuardConfig())
+            bare = GuardConfig(patterns=[], checks=[]) if cfg.guard == "none" else GuardConfig()
+            pipeline = build_pipeline(
+                cfglib.load(GuardConfig, cfg.guard) if cfg.guard not in (None, "none") else bare
+            )
         if backend is None and cfg.upstream:
             backend = upstream(cfg)
         elif backend is None:
@@ -255,6 +262,10 @@ class Server:
 
     async def chat(self, body) -> dict | Iterator[str]:
         req, cfg, rid = ChatRequest.model_validate(body), self.cfg, f"chatcmpl-{uuid.uuid4().hex}"
+        if req.logprobs and (req.stream or not isinstance(self.backend, HFBackend)):
+            raise ApiError(
+                400, "logprobs are served for a local model's non-streamed answers", code="logprobs"
+            )
         msgs = [{"role": role_of(m.role), "content": text_of(m.content)} for m in req.messages]
         prompt = last_user(msgs)
         # 1. input checks; a blocked prompt never reaches the model
@@ -276,7 +287,10 @@ class Server:
         text, finish = await run_in_threadpool(collect, first, answer)
         out = await run_in_threadpool(self.check, rid, "output", prompt, text)
         guard = {"input": inp.as_dict(), "output": out.as_dict()}
-        return self.reply(rid, False, out.text, "content_filter" if out.blocked else finish, guard)
+        lp = None
+        if req.logprobs:
+            lp = await run_in_threadpool(token_logprobs, self.backend, msgs, out.text, req.top_logprobs or 0)
+        return self.reply(rid, False, out.text, "content_filter" if out.blocked else finish, guard, lp)
 
     def sse(self, rid: str, prompt: str, inp: GuardResult, first: Piece, rest: Iterator[Piece]):
         """SSE lines of the answer, each piece released only once an output check of all text up to it
@@ -307,12 +321,15 @@ class Server:
             rest.close()  # stops the local model's generation, or closes the upstream's stream
         yield DONE
 
-    def reply(self, rid: str, stream: bool, text: str, finish: str, guard: dict) -> dict | Iterator[str]:
+    def reply(
+        self, rid: str, stream: bool, text: str, finish: str, guard: dict, lp=None
+    ) -> dict | Iterator[str]:
         guard = {"input": None, "output": None} | guard
         if stream:
             role = {"role": "assistant", "content": text}
             return iter([self.chunk(rid, role), self.chunk(rid, {}, finish, guard=guard), DONE])
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        choice |= {"logprobs": {"content": lp}} if lp is not None else {}
         return {**self.head(rid, "chat.completion"), "choices": [choice], "guard": guard}
 
     def chunk(self, rid: str, delta: dict, finish: str | None = None, **extra) -> str:
@@ -321,6 +338,25 @@ class Server:
 
     def head(self, rid: str, obj: str) -> dict:
         return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_id}
+
+
+def token_logprobs(backend: HFBackend, messages: list[dict], text: str, k: int) -> list[dict]:
+    """OpenAI's `logprobs.content` for `text` as the answer to `messages`: each token's log-probability
+    and the top k at its position, from one forward pass of the local model."""
+    tok, ans = backend.tok, backend.tok(text, add_special_tokens=False)["input_ids"]
+    if not ans:
+        return []
+    x = torch.tensor([backend.encode(messages) + ans], device=backend.device)
+    with backend.lock, torch.inference_mode():
+        logp = backend.model(input_ids=x, logits_to_keep=len(ans) + 1).logits[0, :-1].float().log_softmax(-1)
+    out = []
+    for t, i in enumerate(ans):
+        v, ids = logp[t].topk(k) if k else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        top = [
+            {"token": tok.decode([j]), "logprob": x} for x, j in zip(v.tolist(), ids.tolist(), strict=True)
+        ]
+        out.append({"token": tok.decode([i]), "logprob": logp[t, i].item(), "top_logprobs": top})
+    return out
 
 
 def collect(first: Piece, rest: Iterator[Piece]) -> tuple[str, str]:

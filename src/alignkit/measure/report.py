@@ -3,8 +3,7 @@ built from probe runs (`summary.json`) and training logs (`metrics.jsonl`).
 
 Rates come with the Wilson 95% score interval the probe job writes (Wilson 1927); a `corrected` rate is
 the judge-error correction of Rogan & Gladen (1978), shown next to the raw rate when present. The HTML
-has no scripts and loads nothing, so it opens anywhere, offline, and can be attached to an issue.
-"""
+has no scripts and loads nothing, so it opens anywhere, offline, and can be attached to an issue."""
 
 from __future__ import annotations
 
@@ -54,8 +53,6 @@ class ReportConfig:
 
 
 # ---------------------------------------------------------------- loading
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -146,8 +143,6 @@ def load_curves(folders: list[str]) -> dict[str, dict[str, list[tuple[float, flo
 
 
 # ---------------------------------------------------------------- tables
-
-
 def format_rate(rate: Rate | None) -> str:
     """'14.3% [8.4, 23.3]': the rate and its 95% interval in percent; '–' for a null rate."""
     if rate is None:
@@ -206,8 +201,6 @@ def markdown(title: str, runs: list[dict], html_name: str) -> str:
 
 
 # ---------------------------------------------------------------- SVG charts
-
-
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     """Round ticks (1, 2, 2.5 or 5 × 10^k apart) from at or below lo to at or above hi, about count + 1."""
     lo, hi = min(lo, hi), max(lo, hi)
@@ -356,7 +349,6 @@ def line_chart(key: str, series: dict[str, list[tuple[float, float]]], colours: 
 
 
 # ---------------------------------------------------------------- HTML
-
 CSS = """
 body{margin:0;background:#f6f7f9;color:#1d2330;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
 main{max-width:1080px;margin:0 auto;padding:28px 24px 48px}
@@ -411,10 +403,6 @@ def _section(title: str, *html: str) -> str:
     return f"<section><h2>{escape(title)}</h2>{''.join(html)}</section>"
 
 
-def _caption(text: str) -> str:
-    return f"<p class=note>{text}</p>"
-
-
 def html_page(title: str, runs: list[dict], curves: dict) -> str:
     """The whole report as one HTML document: tables, then charts."""
     labels = [r["label"] for r in runs]
@@ -435,18 +423,16 @@ def html_page(title: str, runs: list[dict], curves: dict) -> str:
         _section("Rates by family", _table(["family", "metric", *labels], rate_html), f'<p class="note">{RATE_NOTE}</p>'),
     ]  # fmt: skip
     if bars := bar_chart(runs):
-        caption = ("Share of harmful probes answered, per probe family and run; whiskers are 95% intervals, and a "
-                   "missing bar means the run had no harmful probes in that family.")  # fmt: skip
-        parts.append(_section("Attack success by family", _legend(labels), bars, _caption(caption)))
+        text = ("Share of harmful probes answered, per probe family and run; whiskers are 95% intervals, and a "
+                "missing bar means the run had no harmful probes in that family.")  # fmt: skip
+        parts.append(_section("Attack success by family", _legend(labels), bars, f"<p class=note>{text}</p>"))
     if scatter := scatter_chart(runs):
         caption = ("Each run at its overall over-refusal (x) and attack success (y), with 95% intervals both ways; "
                    "lower-left is best: fewer harmful requests answered and fewer benign ones refused.")  # fmt: skip
-        has_point = [
-            bool(r["overall"]["benign_refusal"] and r["overall"]["harmful_compliance"]) for r in runs
-        ]
+        has_point = [r["overall"]["benign_refusal"] and r["overall"]["harmful_compliance"] for r in runs]
         if missing := [lab for lab, ok in zip(labels, has_point, strict=True) if not ok]:
             caption += f" Not shown (a rate is missing): {escape(', '.join(missing))}."
-        parts.append(_section("Over-refusal vs attack success", scatter, _caption(caption)))
+        parts.append(_section("Over-refusal vs attack success", scatter, f"<p class=note>{caption}</p>"))
     if curves:
         colours = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
         charts = "".join(
@@ -461,14 +447,10 @@ def html_page(title: str, runs: list[dict], curves: dict) -> str:
 
 
 # ---------------------------------------------------------------- job
-
-
 def run(cfg: ReportConfig) -> dict:
     """Read every input first (bad input writes nothing), then write the HTML and the markdown."""
-    runs = load_summaries(cfg.runs)
-    curves = load_curves(cfg.train)
-    html_path = Path(cfg.output)
-    md_path = html_path.with_suffix(".md")
+    runs, curves = load_summaries(cfg.runs), load_curves(cfg.train)
+    html_path, md_path = Path(cfg.output), Path(cfg.output).with_suffix(".md")
     page, md = html_page(cfg.title, runs, curves), markdown(cfg.title, runs, html_path.name)
     write_atomic(md_path, md)
     write_atomic(html_path, page)

@@ -8,17 +8,14 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float, float]:
-    """Proportion k/n with its Wilson score interval (Wilson 1927; Agresti & Coull 1998, Eq. 2).
-
+    """Proportion k/n with its Wilson score interval (Wilson 1927; Agresti & Coull 1998, Eq. 2):
     centre = (p + z²/2n) / (1 + z²/n);  half = z·sqrt(p(1−p)/n + z²/4n²) / (1 + z²/n).
-    Returns (k/n, low, high); n = 0 gives (nan, 0, 1), the uninformative interval.
-    """
+    Returns (k/n, low, high); n = 0 gives (nan, 0, 1), the uninformative interval."""
     if not 0 <= k <= n:
         raise ValueError(f"need 0 ≤ k ≤ n, got k={k}, n={n}")
     if n == 0:
         return math.nan, 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
+    p, denom = k / n, 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     low = 0.0 if k == 0 else max(0.0, centre - half)  # exact ends: no 1e-17 from rounding
@@ -27,10 +24,8 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float, float]:
 
 
 def rogan_gladen(p_obs: float, sensitivity: float, specificity: float) -> float:
-    """True prevalence from an imperfect judge (Rogan & Gladen 1978, Eq. 1), clipped to [0, 1].
-
-    p_true = (p_obs + Sp − 1) / (Se + Sp − 1). Needs Se + Sp > 1 (a judge better than chance).
-    """
+    """True prevalence from an imperfect judge (Rogan & Gladen 1978, Eq. 1), clipped to [0, 1]:
+    p_true = (p_obs + Sp − 1) / (Se + Sp − 1). Needs Se + Sp > 1 (a judge better than chance)."""
     youden = sensitivity + specificity - 1
     if youden <= 0:
         raise ValueError(f"judge no better than chance: sensitivity + specificity = {youden + 1:.3f} ≤ 1")
@@ -41,22 +36,19 @@ def corrected_interval(
     k: int, n: int, se_k: int, se_n: int, sp_k: int, sp_n: int, z: float = Z95
 ) -> tuple[float, float, float]:
     """Rogan–Gladen estimate with an interval that also carries the judge's own uncertainty.
-
     k/n: positives the judge called among n items. The judge was validated on a labelled set where it
     caught se_k of se_n true positives (sensitivity) and cleared sp_k of sp_n true negatives (specificity).
     Interval: an adjusted delta method in the spirit of Lang & Reiczigel (2014): add z²/2 successes and
     z²/2 failures to the test count, and one of each to the two validation counts, then
       Var(p̂) = [Var(p_obs) + p̂²·Var(Se) + (1 − p̂)²·Var(Sp)] / (Se + Sp − 1)²,
     and the interval is p̂ ± z·sqrt(Var), clipped to [0, 1]. With a perfect, perfectly-known judge it
-    shrinks to (roughly) the Wilson interval; a judge validated on few items widens it.
-    """
+    shrinks to (roughly) the Wilson interval; a judge validated on few items widens it."""
     if n == 0:
         return math.nan, 0.0, 1.0
     point = rogan_gladen(k / n, se_k / se_n, sp_k / sp_n)
     n_a = n + z * z
     p_a = (k + z * z / 2) / n_a
-    se_a = (se_k + 1) / (se_n + 2)
-    sp_a = (sp_k + 1) / (sp_n + 2)
+    se_a, sp_a = (se_k + 1) / (se_n + 2), (sp_k + 1) / (sp_n + 2)
     youden = se_a + sp_a - 1
     if youden <= 0:
         raise ValueError("judge no better than chance after adjustment: validate it on more items")
@@ -71,10 +63,8 @@ def corrected_interval(
 
 
 def rate(k: int, n: int, judge: dict | None = None) -> dict | None:
-    """The RATE record of summary.json: {k, n, rate, low, high, corrected}; None when n = 0.
-
-    judge: {se_k, se_n, sp_k, sp_n} from the judge's validation, to add the Rogan–Gladen correction.
-    """
+    """The RATE record of summary.json: {k, n, rate, low, high, corrected}; None when n = 0. judge:
+    {se_k, se_n, sp_k, sp_n} from the judge's validation, to add the Rogan–Gladen correction."""
     if n == 0:
         return None
     p, low, high = wilson(k, n)

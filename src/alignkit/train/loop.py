@@ -4,8 +4,7 @@ model gathered back from the processes at the end.
 
 Batches are a pure function of (seed, epoch), losses are sums normalised by the count of the whole
 global batch, and RNG, optimiser and scheduler state go through `accelerator.save_state`. Together that
-makes accumulation equal one big batch, N processes equal one, and resume equal an uninterrupted run.
-"""
+makes accumulation equal one big batch, N processes equal one, and resume equal an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -133,12 +132,10 @@ def make_accelerator(
             f"{batch_key} {batch_size} is the global batch: it must be divisible by "
             f"processes × train.grad_accum = {acc.num_processes} × {grad_accum}"
         )
-    if acc.state.deepspeed_plugin is not None:  # no dataloader is prepared: DeepSpeed needs the sizes
+    if (ds := acc.state.deepspeed_plugin) is not None:  # no dataloader is prepared: DeepSpeed needs the sizes
         if grad_accum != 1:  # accelerator.backward steps the DeepSpeed engine every call
             raise ConfigError("train.grad_accum must be 1 under DeepSpeed (use FSDP to accumulate)")
-        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
-            batch_size // acc.num_processes
-        )
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size // acc.num_processes
     set_seed(run.seed)
     return acc
 
@@ -167,12 +164,9 @@ def make_optimizer(model, settings: TrainSettings, total_steps: int, fused: bool
     """AdamW (fused kernel unless sharded: ~3% faster a step on this CPU) and the LR schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
-    sched = get_scheduler(
-        "constant_with_warmup" if settings.lr_scheduler == "constant" else settings.lr_scheduler,
-        opt,
-        num_warmup_steps=int(settings.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+    name = "constant_with_warmup" if settings.lr_scheduler == "constant" else settings.lr_scheduler
+    warmup = int(settings.warmup_ratio * total_steps)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
     return opt, sched
 
 
@@ -182,9 +176,8 @@ class MetricsLog:
     def __init__(self, path: Path, accelerator, resume_step: int | None = None):
         self.path, self.acc = path, accelerator
         if accelerator.is_main_process and resume_step is not None and path.exists():
-            kept = [
-                ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resume_step
-            ]
+            lines = path.read_text().splitlines()
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
             write_atomic(path, "".join(ln + "\n" for ln in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -256,8 +249,7 @@ def final_model(acc, model, build):
     """The trained model, whole and unwrapped, on the main process (None elsewhere).
 
     Every process must call this: under ZeRO-3 or FSDP the full state dict is gathered from the shards
-    (`accelerator.get_state_dict`, a collective) and loaded into a fresh unsharded copy from `build()`.
-    """
+    (`accelerator.get_state_dict`, a collective) and loaded into a fresh unsharded copy from `build()`."""
     if not is_sharded(acc):
         return acc.unwrap_model(model) if acc.is_main_process else None
     state = acc.get_state_dict(acc._models[-1])  # the prepared model: DeepSpeed engine or FSDP module
@@ -283,8 +275,7 @@ class Task:
     """What a job plugs into `train`: its rows, how to batch them and how to compute a loss.
 
     `loss_sum(model, rows)` returns (summed loss, metric sums) for a micro-batch; `count(rows)` gives the
-    normaliser (tokens for SFT, pairs for RM), so the step loss is Σ loss / Σ count over the global batch.
-    """
+    normaliser (tokens for SFT, pairs for RM), so the step loss is Σ loss / Σ count over the global batch."""
 
     train_rows: list[dict]
     eval_rows: list[dict]
@@ -308,8 +299,7 @@ def evaluate(model, task: Task, acc, batch_size: int) -> dict[str, float]:
         return {}
     model.eval()
     order = sorted(range(len(task.eval_rows)), key=lambda i: task.eval_lengths[i])
-    loss = torch.zeros((), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
+    loss, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         mine = order[acc.process_index :: acc.num_processes]
@@ -326,13 +316,10 @@ def evaluate(model, task: Task, acc, batch_size: int) -> dict[str, float]:
             count += w * task.count(rows)
             for k, v in ms.items():
                 sums[k] = sums.get(k, 0) + w * v.double().cpu()
-    totals = acc.reduce(torch.stack([loss, count, *[sums[k] for k in sorted(sums)]]).to(acc.device), "sum")
-    totals = totals.cpu()
+    names = sorted(sums)
+    totals = acc.reduce(torch.stack([count, loss, *(sums[k] for k in names)]).to(acc.device), "sum").cpu()
     model.train()
-    out = {"eval/loss": (totals[0] / totals[1]).item()}
-    for i, k in enumerate(sorted(sums)):
-        out[f"eval/{k}"] = (totals[2 + i] / totals[1]).item()
-    return out
+    return {f"eval/{k}": (t / totals[0]).item() for k, t in zip(["loss", *names], totals[1:], strict=True)}
 
 
 def step_batch(model, task: Task, batch: list[int], settings: TrainSettings, acc) -> tuple[dict, int]:
@@ -354,10 +341,8 @@ def step_batch(model, task: Task, batch: list[int], settings: TrainSettings, acc
         tokens += task.tokens(rows)
     sums = acc.reduce(torch.tensor([loss_total, *metric_sums.values()], device=acc.device), "sum").cpu()
     total_count = norm * acc.num_processes
-    out = {"train/loss": sums[0].item() / total_count}
-    for i, k in enumerate(metric_sums):
-        out[f"train/{k}"] = sums[1 + i].item() / total_count
-    return out, tokens
+    keys = ["loss", *metric_sums]
+    return {f"train/{k}": s / total_count for k, s in zip(keys, sums.tolist(), strict=True)}, tokens
 
 
 def global_batch(task: Task, settings: TrainSettings, step: int, cache: dict) -> list[int]:
@@ -372,12 +357,10 @@ def global_batch(task: Task, settings: TrainSettings, step: int, cache: dict) ->
 
 
 def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc) -> dict:
-    """Run the optimisation loop; return the untrained baseline (before/...) and the last train and eval
-    metrics.
+    """The optimisation loop → the untrained baseline (before/...) and the last train and eval metrics.
 
     Steps: 1. global batch from the (seed, epoch) order; 2. this process's micro-batches (step_batch);
-    3. clip, step, schedule; 4. log, evaluate, checkpoint.
-    """
+    3. clip, step, schedule; 4. log, evaluate, checkpoint."""
     run, steps = settings.run, total_steps(len(task.train_rows), settings)
     sharded = acc.is_fsdp2 or acc.distributed_type.name in ("FSDP", "DEEPSPEED")
     opt, sched = make_optimizer(model, settings, steps, fused=not sharded)

@@ -10,23 +10,17 @@ IGNORE = -100
 
 
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
-    """log p(label_t | x_<t) for next-token prediction. logits (B, T, V), labels (B, T) → (B, T-1).
-
-    Positions whose label is IGNORE get 0.
-    """
+    """log p(label_t | x_<t) for next-token prediction. logits (B, T, V), labels (B, T) → (B, T-1);
+    positions whose label is IGNORE get 0."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = labels != IGNORE
     lp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return lp * mask
+    return lp * (labels != IGNORE)
 
 
 def sft_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross-entropy over completion tokens, and the token count.
-
-    Returned as a sum so that the caller can normalise by the token count of the whole (global,
-    accumulated) batch: that makes gradient accumulation and data parallelism exact.
-    logits (B, T, V), labels (B, T) with IGNORE outside the completion.
-    """
+    """Summed next-token cross-entropy over completion tokens, and the token count. A sum, so that the
+    caller can normalise by the token count of the whole (global, accumulated) batch: that makes gradient
+    accumulation and data parallelism exact. logits (B, T, V), labels (B, T), IGNORE outside completions."""
     logits, labels = logits[:, :-1], labels[:, 1:]
     loss = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
@@ -36,10 +30,8 @@ def sft_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 def target_positions(labels: Tensor) -> Tensor:
     """Positions whose next token is a target: keep[:, t] = labels[:, t+1] ≠ IGNORE. (B, T) → (B, T) bool.
-
     Passed as `logits_to_keep`, it makes the model project only these hidden states onto the vocabulary,
-    which skips the LM head (a fifth of SmolLM2-135M's FLOPs) on prompt and padding positions.
-    """
+    which skips the LM head (a fifth of SmolLM2-135M's FLOPs) on prompt and padding positions."""
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
     return keep
@@ -54,10 +46,7 @@ def selected_sft_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tenso
 def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | None = None) -> Tensor:
     """Bradley–Terry loss −log σ(r_c − r_r − m), per pair (InstructGPT, Ouyang et al. 2022, Eq. 1;
     the margin m is Llama 2's, Touvron et al. 2023, Eq. 2). Shapes: (B,) → (B,)."""
-    diff = chosen - rejected
-    if margin is not None:
-        diff = diff - margin
-    return -F.logsigmoid(diff)
+    return -F.logsigmoid(chosen - rejected - (0 if margin is None else margin))
 
 
 def soft_pairwise_loss(chosen: Tensor, rejected: Tensor, label: Tensor) -> Tensor:

@@ -5,8 +5,7 @@ Memory. The policy is a LoRA model and the reference is the same model with its 
 one copy of the weights sits in memory. `lora.enabled=false` fine-tunes every weight and keeps a frozen
 reference copy: two copies of the weights plus AdamW's two moments for every parameter. The value head
 (train.rollout) shares the policy's backbone; it starts from the reward model's score head when its shape
-fits (a single RM), else at zero.
-"""
+fits (a single RM), else at zero."""
 
 from __future__ import annotations
 
@@ -33,29 +32,10 @@ from ..gen.hf import HFBackend
 from ..measure.probe import probe_metrics
 from ..models import LoraSettings, apply_lora, count_parameters, load_causal_lm, load_tokenizer, save_model
 from ..packs import load_pack
+from . import loop, rl
 from .batching import prompt_order
-from .loop import (
-    RunSettings,
-    end_job,
-    latest_checkpoint,
-    make_accelerator,
-    open_run,
-    record_job,
-    save_checkpoint,
-)
+from .loop import RunSettings, end_job, make_accelerator, open_run, record_job, save_checkpoint
 from .reward import Reward, load_reward
-from .rl import (
-    AdaptiveKL,
-    FixedKL,
-    explained_variance,
-    gae,
-    kl_rewards,
-    masked_mean,
-    pearson,
-    ppo_policy_loss,
-    value_loss,
-    whiten,
-)
 from .rollout import PolicyWithValue, Rollout, ValueHead, response_logprobs, rollout
 
 
@@ -76,10 +56,10 @@ class KLSettings:
         if self.beta < 0 or (self.mode == "adaptive" and min(self.beta, self.target, self.horizon) <= 0):
             raise ValueError("beta must be ≥ 0 (and beta, target, horizon > 0 when mode=adaptive)")
 
-    def controller(self) -> AdaptiveKL | FixedKL:
+    def controller(self) -> rl.AdaptiveKL | rl.FixedKL:
         if self.mode == "adaptive":
-            return AdaptiveKL(self.beta, self.target, self.horizon)
-        return FixedKL(self.beta)
+            return rl.AdaptiveKL(self.beta, self.target, self.horizon)
+        return rl.FixedKL(self.beta)
 
 
 @dataclass
@@ -141,8 +121,7 @@ class PPOConfig:
     model: str = "default"
     """Starting policy and reference (an SFT output): hub id, local folder or 'default'."""
     output_dir: str = "runs/ppo"
-    """Where the policy (a plain HF folder), job_config.yaml, metrics.jsonl, checkpoints and the probe
-    answers (probes/step-N.jsonl) go."""
+    """Where the policy (a plain HF folder), job_config.yaml, metrics.jsonl, checkpoints and probes/ go."""
     system: str | None = None
     """A system message put before each prompt that has none."""
     max_prompt_length: int = 256
@@ -196,9 +175,8 @@ def load_prompts(cfg: PPOConfig, tok) -> tuple[list[Prompt], dict]:
             continue
         out.append(Prompt(msgs, ids))
     if not out:
-        raise DataError(
-            cfg.prompts, None, "prompt", f"no prompt fits max_prompt_length={cfg.max_prompt_length}"
-        )
+        msg = f"no prompt fits max_prompt_length={cfg.max_prompt_length}"
+        raise DataError(cfg.prompts, None, "prompt", msg)
     return out, {"data/prompts": len(out), "data/skipped_long": skipped}
 
 
@@ -220,9 +198,8 @@ class Experience:
 
 
 class Stepper:
-    """What one PPO iteration needs besides the batch: the model, its optimiser, the KL controller, the
-    tokenizer, the settings, the accelerator (None: one plain process) and the reference (None: the policy
-    with its adapters disabled). Rollouts go through the HF generation backend."""
+    """What one PPO iteration needs besides the batch; acc=None runs one plain process, ref=None makes the
+    policy with its adapters disabled the reference. Rollouts go through the HF generation backend."""
 
     def __init__(self, model, optimizer, kl, tok, s: PPOSettings, acc=None, ref=None):
         self.model, self.opt, self.kl, self.s, self.acc, self.ref = model, optimizer, kl, s, acc, ref
@@ -307,19 +284,17 @@ class Stepper:
                     ref_lp, _, _ = response_logprobs(pv.policy, *args, False, s.temperature)
         old_lp, old_v, ref_lp, rewards = old_lp.cpu(), old_v.float().cpu(), ref_lp.cpu(), rewards.cpu()
         # 3. r_t = −β·(log π − log π_ref)_t, plus the reward on the last response token
-        token_rewards = kl_rewards(old_lp, ref_lp, rewards, ro.response_mask, self.kl.beta)
+        token_rewards = rl.kl_rewards(old_lp, ref_lp, rewards, ro.response_mask, self.kl.beta)
         # 4. δ_t = r_t + γV_{t+1} − V_t;  A_t = δ_t + γλA_{t+1} (GAE, Schulman et al. 2016), whitened
-        advantages, returns = gae(token_rewards, old_v, ro.response_mask, s.gamma, s.lam)
-        advantages = whiten(advantages, ro.response_mask)
+        advantages, returns = rl.gae(token_rewards, old_v, ro.response_mask, s.gamma, s.lam)
+        advantages = rl.whiten(advantages, ro.response_mask)
         return Experience(rewards, old_lp, old_v, ref_lp, ent, advantages, returns, fused)
 
     def update(self, ro: Rollout, exp: Experience) -> dict[str, list[float]]:
         """Step 5: `epochs` passes over minibatches of the clipped surrogate plus the clipped value loss
         (and the entropy bonus), each with gradient clipping; the NaN guard stops before a bad update."""
         s, n, fused = self.s, len(ro.query), exp.fused
-        sums: dict[str, list[float]] = {
-            k: [] for k in ("policy", "value", "clipfrac", "approx_kl", "grad_norm")
-        }
+        sums = {k: [] for k in ("policy", "value", "clipfrac", "approx_kl", "grad_norm")}
         for _ in range(s.epochs):
             for b in range(0, n, s.minibatch):
                 i = slice(b, b + s.minibatch)
@@ -331,35 +306,24 @@ class Stepper:
                             ro.query[i], ro.query_mask[i], ro.response[i], ro.response_mask[i], s.temperature,
                             s.entropy_coef > 0,
                         )  # fmt: skip
-                dev = logprobs.device
-                m = ro.response_mask[i].to(dev)
-                pl, st = ppo_policy_loss(
-                    logprobs, exp.old_logprobs[i].to(dev), exp.advantages[i].to(dev), m, s.clip
-                )
-                vl = value_loss(
-                    values.float(), exp.old_values[i].to(dev), exp.returns[i].to(dev), m, s.value_clip
-                )
+                stored = (exp.old_logprobs, exp.advantages, exp.old_values, exp.returns, ro.response_mask)
+                old_lp, adv, old_v, ret, m = (x[i].to(logprobs.device) for x in stored)
+                pl, st = rl.ppo_policy_loss(logprobs, old_lp, adv, m, s.clip)
+                vl = rl.value_loss(values.float(), old_v, ret, m, s.value_clip)
                 loss = pl + s.vf_coef * vl
                 if s.entropy_coef > 0:
-                    loss = loss - s.entropy_coef * masked_mean(entropy, m)
+                    loss = loss - s.entropy_coef * rl.masked_mean(entropy, m)
                 sums["grad_norm"].append(self.backward(loss))
-                for k, x in (
-                    ("policy", pl),
-                    ("value", vl),
-                    ("clipfrac", st["clipfrac"]),
-                    ("approx_kl", st["approx_kl"]),
-                ):
+                for k, x in {"policy": pl, "value": vl, **st}.items():  # st: clipfrac, approx_kl
                     sums[k].append(float(x.detach()))
         self.opt.zero_grad(set_to_none=True)
         return sums
 
     def backward(self, loss: Tensor) -> float:
-        """Backward, clip and step, after checking the loss and the gradient norm; → the norm before
-        clipping."""
+        """Backward, clip and step, after checking the loss and the gradient norm; → the unclipped norm."""
         if self.anywhere(not torch.isfinite(loss)):
-            raise FloatingPointError(
-                f"a PPO loss is not finite (here {loss.item()}): stopped before the update"
-            )
+            msg = f"a PPO loss is not finite (here {loss.item()}): stopped before the update"
+            raise FloatingPointError(msg)
         self.opt.zero_grad(set_to_none=True)
         self.acc.backward(loss) if self.acc else loss.backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -382,8 +346,8 @@ class Stepper:
         local = {
             "reward/score": float(exp.rewards.mean()),
             "kl/ref": float(kl_seq.mean()),
-            "value/explained_var": float(explained_variance(exp.old_values, exp.returns, mask)),
-            "policy/entropy": float(masked_mean(exp.entropy.float().cpu(), mask)),
+            "value/explained_var": float(rl.explained_variance(exp.old_values, exp.returns, mask)),
+            "policy/entropy": float(rl.masked_mean(exp.entropy.float().cpu(), mask)),
             "response/length": float(lengths.mean()),
             "response/ended": float(ro.ended.float().mean()),
             **{f"loss/{k}": mean(losses[k]) for k in ("policy", "value")},
@@ -396,7 +360,7 @@ class Stepper:
         beta = self.kl.beta
         self.kl.update(stats["kl/ref"], len(all_rewards))
         stats["kl/coef"] = beta
-        stats["reward/length_corr"] = pearson(all_rewards, all_lengths.float())
+        stats["reward/length_corr"] = rl.pearson(all_rewards, all_lengths.float())
         stats["perf/samples_per_s"] = len(all_rewards) / max(sum(times.values()), 1e-9)
         return stats
 
@@ -466,9 +430,8 @@ def setup(cfg: PPOConfig):
     out = Path(cfg.output_dir)
     tok = load_tokenizer(cfg.model)
     prompts, report = load_prompts(cfg, tok)
-    probe_eval = (
-        ProbeEval(cfg.probe, out / "probes") if cfg.probe.every else None
-    )  # a bad pack fails here too
+    # a bad pack fails here too
+    probe_eval = ProbeEval(cfg.probe, out / "probes") if cfg.probe.every else None
     acc = make_accelerator(cfg.run, out, cfg.batch_size, batch_key="batch_size")
     # DeepSpeed and FSDP shard the weights that generation needs; that path is not built (nor tested)
     if acc.distributed_type.name in ("DEEPSPEED", "FSDP"):
@@ -527,14 +490,12 @@ def run(cfg: PPOConfig) -> dict:
 def ppo_step(cfg: PPOConfig, stepper: Stepper, prompts: list[Prompt], reward: Reward, tok, acc, step: int):
     """Iteration `step` on this process's share of the step's prompts; a divergence names the last good
     checkpoint."""
-    idx = prompt_order(len(prompts), cfg.batch_size, cfg.run.seed, step)[
-        acc.process_index :: acc.num_processes
-    ]
-    batch = [prompts[i] for i in idx]
+    order = prompt_order(len(prompts), cfg.batch_size, cfg.run.seed, step)
+    batch = [prompts[i] for i in order[acc.process_index :: acc.num_processes]]
     try:
         seed = (cfg.run.seed * 1_000_003 + step) * 1_009 + acc.process_index
         return stepper.step([p.ids for p in batch], reward_fn(reward, tok, [p.messages for p in batch]), seed)
     except FloatingPointError as e:
-        ck = latest_checkpoint(Path(cfg.output_dir))
+        ck = loop.latest_checkpoint(Path(cfg.output_dir))
         kept = f"the last good checkpoint is {ck}" if ck else "no checkpoint was written (save_every=0)"
         raise FloatingPointError(f"{e} at step {step + 1}; {kept}; the final model was not written") from None

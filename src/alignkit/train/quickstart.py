@@ -1,9 +1,7 @@
 """`alignkit quickstart`: a short SFT + reward-model run on the embedded default model that shows both
 learned something (held-out SFT loss falls; held-out RM pairwise accuracy rises above chance).
-
 Data: first exchanges of ShareGPT conversations (training split only). Preference pairs take the real
-reply as chosen and the reply to a different conversation as rejected, so the RM must learn relevance.
-"""
+reply as chosen and the reply to a different conversation as rejected, so the RM must learn relevance."""
 
 from __future__ import annotations
 
@@ -49,9 +47,9 @@ def write_data(out: Path, n: int) -> tuple[Path, Path]:
         {"prompt": q, "chosen": a, "rejected": exchanges[(i + half) % len(exchanges)][1]}
         for i, (q, a) in enumerate(exchanges)
     ]
-    for name, records in (("sft.jsonl", sft_rows), ("pairs.jsonl", pairs)):
-        # every process may write: same bytes, each through its own temp file and an atomic rename
-        write_jsonl(out / name, records)
+    # every process may write: same bytes, each through its own temp file and an atomic rename
+    write_jsonl(out / "sft.jsonl", sft_rows)
+    write_jsonl(out / "pairs.jsonl", pairs)
     return out / "sft.jsonl", out / "pairs.jsonl"
 
 
@@ -59,33 +57,11 @@ def run(cfg: QuickstartConfig) -> dict:
     out = Path(cfg.output_dir)
     sft_data, pair_data = write_data(out / "data", cfg.examples)
     common = [f"max_length={cfg.max_length}", f"train.seed={cfg.seed}", "train.eval_fraction=0.15"]
-    sft_out = sft.run(
-        cfglib.load(
-            sft.SFTConfig,
-            None,
-            [
-                f"data={sft_data}",
-                f"model={cfg.model}",
-                f"output_dir={out / 'sft'}",
-                f"train.max_steps={cfg.sft_steps}",
-                *common,
-            ],
-        )
-    )
-    rm_out = rm.run(
-        cfglib.load(
-            rm.RMConfig,
-            None,
-            [
-                f"data={pair_data}",
-                f"model={out / 'sft'}",
-                f"output_dir={out / 'rm'}",
-                f"train.max_steps={cfg.rm_steps}",
-                "train.lr=1.0e-3",  # LoRA + a fresh scalar head: 1e-4 barely moves it in 30 steps
-                *common,
-            ],
-        )
-    )
+    sft_keys = [f"data={sft_data}", f"model={cfg.model}", f"train.max_steps={cfg.sft_steps}"]
+    sft_out = sft.run(cfglib.load(sft.SFTConfig, None, [*sft_keys, f"output_dir={out / 'sft'}", *common]))
+    # LoRA + a fresh scalar head: lr 1e-4 barely moves it in 30 steps
+    rm_keys = [f"data={pair_data}", f"model={out / 'sft'}", f"output_dir={out / 'rm'}", "train.lr=1.0e-3"]
+    rm_out = rm.run(cfglib.load(rm.RMConfig, None, [*rm_keys, f"train.max_steps={cfg.rm_steps}", *common]))
     summary = {
         "sft/eval_loss_before": sft_out.get("before/loss"),
         "sft/eval_loss_after": sft_out["eval/loss"],

@@ -4,7 +4,8 @@ arXiv:2310.02743), the helpful/harmless priority rule, and `load_reward`.
 Folders:
   single RM     a plain HF sequence-classification model (num_labels=1)
   ensemble      ensemble.json + members/<k>/ (LoRA adapters on one base, or full models)
-  priority      priority.json naming a helpful and a harmless reward folder and the threshold τ
+  priority      priority.json naming reward folders in priority order (safety first, helpfulness last)
+                and a threshold per tier but the last ({tiers, thresholds}; or {helpful, harmless, threshold})
 """
 
 from __future__ import annotations
@@ -56,6 +57,24 @@ def priority_combine(helpful: Tensor, harmless: Tensor, threshold: float = 0.0) 
     """
     g = harmless - threshold
     return torch.where(g < 0, g, F.softplus(helpful))
+
+
+def tiered_combine(rewards: list[Tensor], thresholds: list[float]) -> Tensor:
+    """N tiers in priority order (r_1 first, e.g. safety > ethics > guidelines > helpfulness), each but
+    the last gating the rest, priority_combine applied from the bottom up:
+
+        R_N = r_N;   R_i = r_i − τ_i  if r_i < τ_i,  else softplus(R_{i+1})
+
+    So a response that passes tiers 1..i−1 and fails tier i outranks every response failing an earlier
+    tier (R > 0 against R < 0 at the first tier where they differ), no lower tier can buy back a failed
+    higher one, and among responses passing every gate the last tier decides. Two tiers: priority_combine.
+    """
+    if len(thresholds) != len(rewards) - 1:
+        raise ValueError(f"{len(rewards)} tiers need {len(rewards) - 1} thresholds, got {len(thresholds)}")
+    out = rewards[-1]
+    for r, t in zip(reversed(rewards[:-1]), reversed(thresholds), strict=True):
+        out = priority_combine(out, r, t)
+    return out
 
 
 @dataclass
@@ -197,22 +216,26 @@ class EnsembleReward(SingleReward):
 
 
 class PriorityReward(RewardFolder):
-    """A harmless folder gating a helpful one (`priority_combine`)."""
+    """Reward folders in priority order, each but the last gating the rest (`tiered_combine`)."""
 
     kind = "priority"
 
     def __init__(self, path: Path, bf16: bool, batch_size: int):
         spec = json.loads((path / "priority.json").read_text())
-        self.helpful = load_reward(path / spec["helpful"], bf16, batch_size)
-        self.harmless = load_reward(path / spec["harmless"], bf16, batch_size)
-        self.threshold = float(spec.get("threshold", 0.0))
-        self.tokenizer = self.helpful.tokenizer
+        if "tiers" not in spec:  # the two-tier form: harmlessness gates helpfulness
+            spec = {"tiers": [spec["harmless"], spec["helpful"]], "thresholds": [spec.get("threshold", 0.0)]}
+            self.names, self.shown = ["harmless", "helpful"], ["helpful", "harmless"]
+        else:
+            self.names = self.shown = [Path(t).name for t in spec["tiers"]]
+        self.tiers = [load_reward(path / t, bf16, batch_size) for t in spec["tiers"]]
+        self.thresholds = [float(t) for t in spec["thresholds"]]
+        self.tokenizer = self.tiers[-1].tokenizer
 
     def score_ids(self, seqs: list[list[int]]) -> Rewards:
-        h = torch.tensor(self.helpful.score_ids(seqs).reward)
-        s = torch.tensor(self.harmless.score_ids(seqs).reward)
-        combined = priority_combine(h, s, self.threshold).tolist()
-        return Rewards(combined, {"helpful": h.tolist(), "harmless": s.tolist()})
+        parts = [torch.tensor(t.score_ids(seqs).reward) for t in self.tiers]
+        combined = tiered_combine(parts, self.thresholds).tolist()
+        named = dict(zip(self.names, parts, strict=True))
+        return Rewards(combined, {n: named[n].tolist() for n in self.shown})
 
 
 def load_reward(path: str | Path, bf16: bool | None = None, batch_size: int = 16) -> Reward:

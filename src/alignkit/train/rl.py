@@ -1,7 +1,5 @@
 """The math of PPO for RLHF, as small pure functions on tensors (train.ppo's loop is built on them).
-
-Shapes: B responses, T response tokens, right-padded; `response_mask` (B, T) is 1 on real response tokens.
-"""
+Shapes: B responses, T response tokens, right-padded; `response_mask` (B, T) is 1 on real response tokens."""
 
 from __future__ import annotations
 
@@ -11,19 +9,14 @@ from torch import Tensor
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     """(x − mean) / std over the masked entries (population variance); masked-out entries become 0."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 def kl_rewards(
@@ -67,12 +60,10 @@ def ppo_policy_loss(
     log_ratio = (logprobs - old_logprobs) * m
     ratio = log_ratio.exp()
     unclipped, clipped = ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages
-    loss = -masked_mean(torch.min(unclipped, clipped), m)
-    stats = {
+    return -masked_mean(torch.min(unclipped, clipped), m), {
         "clipfrac": masked_mean((clipped < unclipped).float(), m),
         "approx_kl": masked_mean(ratio - 1 - log_ratio, m),
     }
-    return loss, stats
 
 
 def value_loss(
@@ -100,29 +91,8 @@ def explained_variance(values: Tensor, returns: Tensor, response_mask: Tensor) -
     return 1 - var_d / var_r.clamp(min=1e-12)
 
 
-class AdaptiveKL:
-    """The adaptive KL coefficient of Ziegler et al. 2019, §2.2: with e = clip(KL/target − 1, −0.2, 0.2),
-    β ← β·(1 + e·n/horizon) after n samples, so β rises while KL runs above target and falls below it."""
-
-    def __init__(self, beta: float, target: float, horizon: int):
-        if beta <= 0 or target <= 0 or horizon <= 0:
-            raise ValueError("beta, target and horizon must be positive")
-        self.beta, self.target, self.horizon = beta, target, horizon
-
-    def update(self, kl: float, n: int) -> float:
-        e = min(max(kl / self.target - 1, -0.2), 0.2)
-        self.beta *= 1 + e * n / self.horizon
-        return self.beta
-
-    def state_dict(self) -> dict:  # so accelerate checkpoints carry β (exact resume)
-        return {"beta": self.beta}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.beta = float(state["beta"])
-
-
 class FixedKL:
-    """A constant β (update does nothing)."""
+    """A constant β (update does nothing). Checkpoints carry β, so a resume is exact."""
 
     def __init__(self, beta: float):
         self.beta = beta
@@ -135,6 +105,21 @@ class FixedKL:
 
     def load_state_dict(self, state: dict) -> None:
         self.beta = float(state["beta"])
+
+
+class AdaptiveKL(FixedKL):
+    """The adaptive KL coefficient of Ziegler et al. 2019, §2.2: with e = clip(KL/target − 1, −0.2, 0.2),
+    β ← β·(1 + e·n/horizon) after n samples, so β rises while KL runs above target and falls below it."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        if beta <= 0 or target <= 0 or horizon <= 0:
+            raise ValueError("beta, target and horizon must be positive")
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n: int) -> float:
+        e = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.beta *= 1 + e * n / self.horizon
+        return self.beta
 
 
 def pearson(x: Tensor, y: Tensor) -> float:

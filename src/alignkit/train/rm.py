@@ -230,25 +230,44 @@ def score(cfg: ScoreConfig) -> dict:
 
 @dataclass
 class CombineConfig:
-    """Combine a helpfulness and a harmlessness reward folder by priority (harmlessness gates)."""
+    """Combine reward folders by priority: a harmlessness RM gating a helpfulness RM, or N tiers."""
 
-    helpful: str
-    """Helpfulness reward folder (single or ensemble)."""
-    harmless: str
-    """Harmlessness reward folder (single or ensemble)."""
     output_dir: str
     """Folder to write priority.json (and job_config.yaml) into; it loads with `rm score` and `ppo`."""
+    helpful: str | None = None
+    """Helpfulness reward folder (single or ensemble); the two-tier form, with `harmless`."""
+    harmless: str | None = None
+    """Harmlessness reward folder (single or ensemble)."""
     threshold: float = 0.0
-    """τ: a harmlessness score below τ marks a response harmful; see train.reward.priority_combine."""
+    """τ of the two-tier form: a harmlessness score below τ marks a response harmful."""
+    tiers: list[str] = field(default_factory=list)
+    """N reward folders, highest priority first (e.g. the safety, ethics and helpfulness RMs of
+    `cai label tiers=...`); instead of helpful/harmless. See train.reward.tiered_combine."""
+    thresholds: list[float] = field(default_factory=list)
+    """τ of every tier but the last (empty: 0 for each)."""
+
+    def __post_init__(self) -> None:
+        if bool(self.tiers) == bool(self.helpful or self.harmless):
+            raise ValueError("give either helpful and harmless, or tiers (two or more folders)")
+        if self.tiers and len(self.tiers) < 2 or not self.tiers and not (self.helpful and self.harmless):
+            raise ValueError("tiers needs two or more folders; the two-tier form needs helpful and harmless")
+        if self.thresholds and len(self.thresholds) != len(self.tiers) - 1:
+            raise ValueError(f"thresholds: one per tier but the last ({len(self.tiers) - 1})")
 
 
 def combine(cfg: CombineConfig) -> dict:
     out = Path(cfg.output_dir)
-    spec = {
-        "helpful": os.path.relpath(Path(cfg.helpful).resolve(), out.resolve()),
-        "harmless": os.path.relpath(Path(cfg.harmless).resolve(), out.resolve()),
-        "threshold": cfg.threshold,
-    }
+
+    def rel(p: str) -> str:
+        return os.path.relpath(Path(p).resolve(), out.resolve())
+
+    if cfg.tiers:
+        spec = {
+            "tiers": [rel(t) for t in cfg.tiers],
+            "thresholds": cfg.thresholds or [0.0] * (len(cfg.tiers) - 1),
+        }
+    else:
+        spec = {"helpful": rel(cfg.helpful), "harmless": rel(cfg.harmless), "threshold": cfg.threshold}
     write_atomic(out / "priority.json", json.dumps(spec, indent=2))
     cfglib.save(cfg, out / "job_config.yaml")
     return spec

@@ -4,8 +4,7 @@ responses, and the value head that shares the policy's backbone.
 Value model. A linear head on the policy's last hidden state, i.e. a backbone shared with the policy. It
 costs hidden+1 parameters and no extra forward pass: the log-probs and the values come from the same pass.
 The price is that the value loss also moves the policy's adapters (`ppo.vf_coef` weighs it). A separate
-value model would cost another copy of the backbone's activations and forward/backward passes every step.
-"""
+value model would cost another copy of the backbone's activations and forward/backward passes every step."""
 
 from __future__ import annotations
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..data import encode_sft, parse_sft, read_records
 from ..models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model
-from .batching import pad
+from .batching import attention_mask, pad
 from .loop import Task, TrainSettings, end_job, fit_model, start_job, train_eval_rows
 from .losses import IGNORE, selected_sft_loss_sum, sft_loss_sum, target_positions
 
@@ -43,19 +41,13 @@ def sft_loss(pad_id: int):
     projecting onto the vocabulary only the positions that predict a target (`logits_to_keep`)."""
 
     def loss_sum(model, batch):
-        ids = pad([r["input_ids"] for r in batch], pad_id)
-        labels = pad([r["labels"] for r in batch], IGNORE)
-        mask = (
-            torch.arange(ids.size(1))[None] < torch.tensor([len(r["input_ids"]) for r in batch])[:, None]
-        ).long()
+        seqs = [r["input_ids"] for r in batch]
         device = next(model.parameters()).device
-        labels = labels.to(device)
-        keep = target_positions(labels)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits
-        if logits.dim() == 2:  # (N, V): the model projected the target positions only
-            loss, _ = selected_sft_loss_sum(logits, labels)
-        else:  # a model that ignores logits_to_keep: (B, T, V)
-            loss, _ = sft_loss_sum(logits, labels)
+        labels = pad([r["labels"] for r in batch], IGNORE).to(device)
+        ids, mask = pad(seqs, pad_id).to(device), attention_mask(seqs).to(device)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=target_positions(labels)).logits
+        # (N, V): the model projected the target positions only; (B, T, V): it ignores logits_to_keep
+        loss, _ = (selected_sft_loss_sum if logits.dim() == 2 else sft_loss_sum)(logits, labels)
         return loss, {}
 
     return loss_sum
@@ -68,7 +60,7 @@ def build_task(cfg: SFTConfig, tok) -> tuple[Task, dict]:
         return encode_sft(parse_sft(read_records(src), src), tok, cfg.max_length, src)
 
     rows, eval_rows, report = train_eval_rows(cfg.data, cfg.eval_data, encode, cfg.train)
-    task = Task(
+    return Task(
         train_rows=rows,
         eval_rows=eval_rows,
         lengths=[len(r["input_ids"]) for r in rows],
@@ -77,8 +69,7 @@ def build_task(cfg: SFTConfig, tok) -> tuple[Task, dict]:
         count=lambda batch: sum(sum(t != IGNORE for t in r["labels"][1:]) for r in batch),
         tokens=lambda batch: sum(len(r["input_ids"]) for r in batch),
         name="sft",
-    )
-    return task, report
+    ), report
 
 
 def run(cfg: SFTConfig) -> dict:
