@@ -430,3 +430,12 @@ def test_revise_resumes_and_keeps_every_round(tiny_model, tmp_path):
     sft = [json.loads(x) for x in (out / "sft.jsonl").read_text().splitlines()]
     kept = [(t["id"], e["round"]) for t in trace for e in t["rounds"] if e["outcome"] == "kept"]
     assert [(x["id"], x["round"]) for x in sft] == kept
+
+
+def test_bad_pairs_and_check_files_exit_2_and_write_nothing(tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "1", "prompt": "q", "responses": ["only one"]}])
+    out = tmp_path / "o"
+    assert cli.main(["cai", "label", f"output_dir={out}", f"pairs={bad}"]) == 2
+    assert "bad.jsonl, line 1, field 'responses': expected two non-empty answers" in capsys.readouterr().err
+    assert cli.main(["cai", "check", f"output_dir={out}", f"data={bad}"]) == 2
+    assert "field 'better/worse'" in capsys.readouterr().err and not out.exists()

@@ -288,8 +288,9 @@ def run_check(cfg, fb, const: Constitution, data: str, out: Path, items: list[di
 
 def check(cfg: CheckConfig, feedback: Feedback | None = None) -> dict:
     const = load_constitution(cfg.ask.constitution)
-    cfglib.save(cfg, Path(cfg.output_dir) / "job_config.yaml")
-    r = run_check(cfg, feedback or make_feedback(cfg), const, cfg.data, Path(cfg.output_dir))
+    items = read_items(str(CHECK_SET) if cfg.data == "default" else cfg.data, ("better", "worse"))
+    cfglib.save(cfg, Path(cfg.output_dir) / "job_config.yaml")  # after every input was read
+    r = run_check(cfg, feedback or make_feedback(cfg), const, cfg.data, Path(cfg.output_dir), items)
     return {k: r[k] for k in SHOWN}
 
 
@@ -344,16 +345,17 @@ def label(cfg: LabelConfig, feedback: Feedback | None = None, check_items: list[
     trace_path = out / "trace.jsonl"
     if not cfg.resume and trace_path.exists():
         trace_path.unlink()
-    cfglib.save(cfg, out / "job_config.yaml")
     source = cfg.pairs or str(out / "samples.jsonl")
-    if not cfg.pairs:  # two samples per prompt from the policy, resumable like `alignkit generate`
-        prompts = str(REDTEAM) if cfg.prompts == "default" else cfg.prompts
-        todo = read_prompts(prompts, cfg.system)[: cfg.limit]
-        if pending := [(rec, r) for rec, r in todo if r.key not in done_ids(Path(source))]:
-            policy = make_backend(cfg.backend, cfg.policy, cfg.precision, cfg.batch_size)
-            run_generation(policy, pending, cfg.sampling(2), Path(source), "policy pairs")
-            del policy
-    pairs = read_items(source, "responses")[: cfg.limit]
+    prompts = str(REDTEAM) if cfg.prompts == "default" else cfg.prompts
+    todo = [] if cfg.pairs else read_prompts(prompts, cfg.system)[: cfg.limit]
+    pairs = read_items(cfg.pairs, "responses")[: cfg.limit] if cfg.pairs else None
+    cfglib.save(cfg, out / "job_config.yaml")  # after every input was read
+    done = done_ids(Path(source)) if todo else set()
+    if pending := [(rec, r) for rec, r in todo if r.key not in done]:  # the policy samples the pairs
+        policy = make_backend(cfg.backend, cfg.policy, cfg.precision, cfg.batch_size)
+        run_generation(policy, pending, cfg.sampling(2), Path(source), "policy pairs")
+        del policy
+    pairs = pairs or read_items(source, "responses")[: cfg.limit]
     fb = feedback or make_feedback(cfg)
     gate = json.loads((out / "check.json").read_text()) if (out / "check.json").exists() else None
     if gate is None or gate["feedback"] != fb.spec or gate["cot"] != cfg.ask.cot:  # once per labeller
