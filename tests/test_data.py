@@ -202,18 +202,6 @@ def test_batch_order_is_a_pure_function_of_seed_and_epoch(group):
     assert len(set(flat)) == len(flat)  # no example twice in an epoch
 
 
-def test_quickstart_data_written_whole(tmp_path):
-    import json
-
-    from alignkit.train.quickstart import write_data
-
-    sft, pairs = write_data(tmp_path, 12)
-    rows = [json.loads(x) for x in sft.read_text().splitlines()]
-    assert len(rows) == 12 and all(r["prompt"] and r["completion"] for r in rows)
-    assert len(pairs.read_text().splitlines()) == 12
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl", "sft.jsonl"]  # no temp files left
-
-
 def test_conversation_helpers():
     from alignkit.data import as_messages, last_user
 

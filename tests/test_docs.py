@@ -21,7 +21,6 @@ TOUR = "<!-- tour -->"  # the README's bash block after this marker is the tour 
 # appended to each job of the tour so that it runs in seconds on the tiny model; the command's own keys
 # are still all read, checked and used
 QUICK = {
-    "quickstart": ["examples=24", "sft_steps=1", "rm_steps=1", "max_length=64"],
     "sft": [
         "train.max_steps=1",
         "train.batch_size=2",
@@ -123,7 +122,7 @@ def test_the_readme_tour_runs_as_written_on_a_tiny_model(tmp_path, tiny_model, m
         assert cli.main(full) == 0, f"`alignkit {' '.join(argv)}` failed:\n{capsys.readouterr().err[-2000:]}"
         ran.append(name)
     # the tour trains, scores, probes and guards, and what it writes is where the README says
-    assert {"quickstart", "sft", "rm train", "ppo", "probe", "report", "guard score"} <= set(ran), ran
+    assert {"run", "sft", "rm train", "ppo", "probe", "report", "guard score"} <= set(ran), ran
     for path in (
         "runs/sft/model.safetensors",
         "runs/rm/model.safetensors",

@@ -47,7 +47,7 @@ SUMMARIES = {
                            rate(3, 40, 0.0258, 0.1990)),
         "families": {
             "plain": metrics(40, rate(2, 40, 0.0138, 0.1650)),
-            "persona": metrics(44, rate(10, 44, 0.1286, 0.3677)),
+            "persona": metrics(44, rate(10, 44, 0.1286, 0.3677, {"rate": 0.2, "low": 0.1, "high": 0.3})),
             "benign": metrics(40, None, rate(3, 40, 0.0258, 0.1990)),
             "sycophancy": metrics(20, None, None, rate(6, 20, 0.1455, 0.5190)),
         },
@@ -186,9 +186,13 @@ def test_run_writes_html_and_markdown(tmp_path, probe_runs, train_run):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["r.html", "r.md"]  # no temp files left
     for (label, fam, _), r in expected_cells().items():
         assert f"{format_rate(r)} ({r['k']}/{r['n']}" in md, (label, fam)
-    assert "| sft | runs/sft | none | 1 | 0.0 | refusal-regex |" in md  # label falls back to the folder
+    assert "| sft | runs/sft | none | 84 | 1 | 0.0 | refusal-regex |" in md  # label falls back to the folder
+    assert (
+        "Runs differ in size (probes × samples)" in md and "Runs differ in size" in html
+    )  # 124, 136, 84 probes
     assert "| multi_turn | attack success | not probed | 0.0% [0.0, 24.2] (0/12) | not probed |" in md
-    assert "corrected 15.0% [8.0, 25.0]" in md and "r.html" in md
+    # a corrected rate is shown per family, never on the overall row (it pools families)
+    assert "corrected 20.0% [10.0, 30.0]" in md and "corrected 15.0%" not in md and "r.html" in md
     # self-contained: no scripts, nothing fetched
     assert "<script" not in html and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "https://" not in html and "guarded &lt;kw&gt; &amp; co" in html

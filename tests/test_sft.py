@@ -240,7 +240,7 @@ def test_tensorboard_tracker_logs_sft(tmp_path, tiny_model, sft_file):
 
 def test_jobs_of_different_precisions_run_one_after_another_in_one_process(tmp_path, tiny_model, sft_file):
     # accelerate keeps one state per process and refuses to change its mixed precision; a pipeline (or
-    # the quickstart) runs several jobs in one process
+    # `alignkit run`) runs several jobs in one process
     for precision in ("fp32", "bf16", "fp32"):
         out = tmp_path / precision
         args = [f"data={sft_file}", f"model={tiny_model}", f"output_dir={out}", "train.max_steps=1"]

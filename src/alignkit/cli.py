@@ -55,7 +55,10 @@ IN, OUT = Flag("--in", "input", "input JSONL (same as input=...)"), Flag("--out"
 JOBS = {
     j.name: j
     for j in (
-        Job("quickstart", "train.quickstart", "QuickstartConfig", "run", "a short SFT + reward-model run on the default model"),
+        Job("run", "pipeline", "RunConfig", "run", "the whole pipeline (SL-CAI, RLAIF, reward models, PPO, probes) → one report",
+            (Flag("--preset", "preset", "laptop, smoke, cluster or a recipe YAML (same as preset=...)"),
+             Flag("--out", "output_dir", "run folder (same as output_dir=...)"),
+             Flag("--from", "from_stage", "rerun from this stage on"), Flag("--only", "only", "run only this stage"))),
         Job("sft", "train.sft", "SFTConfig", "run", "supervised fine-tuning on prompt/completion or message data"),
         Job("rm train", "train.rm", "RMConfig", "run", "train a reward model (or an ensemble) on preference pairs"),
         Job("rm score", "train.rm", "ScoreConfig", "score", "score {prompt, response} records with a reward model",
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FloatingPointError, EndpointError) as e:  # diverged, or an endpoint failed its retries
         print(f"alignkit {name}: stopped: {e}", file=sys.stderr)
         return 1
-    if result and os.environ.get("RANK", "0") == "0":  # once, not once per process
+    # probe and run print their own readable summaries (their numbers are in files)
+    if result and name not in ("probe", "run") and os.environ.get("RANK", "0") == "0":  # once per job
         print(json.dumps(result, indent=2, default=float))
     return 0
 

@@ -1,14 +1,11 @@
-"""Job configuration: a dataclass per job ← YAML file ← `key=value` overrides.
-
-Field docs are the string literal under each field (PEP 257 attribute docstrings); `--help` prints them.
-A field with no default is required, and that is checked when the config is built, so a job's config can
-nest inside a larger one that fills it. A section made with `inline(...)` keeps its keys at the parent's
-level. Unknown keys, missing required keys and wrong types raise `ConfigError` naming the key, which the
-CLI turns into exit code 2."""
+"""Job configuration: a dataclass per job ← YAML file ← `key=value` overrides. Field docs are the string
+literal under each field (PEP 257), printed by `--help`. Required fields are checked at build time, so a
+config can nest in a larger one that fills it; bad keys and values raise `ConfigError` (CLI exit code 2)."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import inspect
 import textwrap
@@ -27,8 +24,7 @@ class ConfigError(ValueError):
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass: the string literal right under each annotated field,
-    inherited ones included (a subclass's own docstring wins)."""
+    """Attribute docstrings of a dataclass and its dataclass bases (a subclass's own docstring wins)."""
     docs: dict[str, str] = {}
     for base in reversed(cls.__mro__[:-1]):
         if dataclasses.is_dataclass(base):
@@ -44,20 +40,14 @@ def _own_field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
+        doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else None
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(doc, str):
+            docs[node.target.id] = " ".join(doc.split())
     return docs
 
 
 def inline(cls: type) -> Any:
-    """A section of settings composed into a config with its keys at the parent's level (`seed=1`, not
-    `run.seed=1`), in YAML, overrides, `--help` and job_config.yaml alike."""
+    """A section with its keys at the parent's level (`seed=1`, not `run.seed=1`) in YAML and overrides."""
     return dataclasses.field(default_factory=cls, metadata={"inline": True})
 
 
@@ -104,22 +94,19 @@ def _scalar(value: Any, tp: type, key: str) -> Any:
         if isinstance(value, str) or number:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
-    kind = "an integer" if tp is int else "a number"
     if (tp is int and isinstance(value, int) and not isinstance(value, bool)) or (tp is float and number):
         return tp(value)
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             return tp(value)
-        except ValueError:
-            pass
-    raise ConfigError(f"{key}: expected {kind}, got {value!r}")
+    raise ConfigError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
 
 
 def _union(value: Any, args: tuple, key: str) -> Any:
     """The first member type of a union (X | None) the value converts to."""
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-        if type(None) in args:
-            return None
+    null = value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~"))
+    if null and type(None) in args:
+        return None
     errors = []
     for arg in [a for a in args if a is not type(None)]:
         try:
@@ -166,10 +153,8 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Make `cls` from a (nested) mapping. Unknown keys and wrong types raise `ConfigError`."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = _nest_inline(cls, values)
-    kwargs = {}
+    hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    values, kwargs = _nest_inline(cls, values), {}
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"unknown key '{prefix}{key}' (known: {', '.join(sorted(_keys(cls)))})")
@@ -231,6 +216,8 @@ def load(cls: type, config_file: str | Path | None = None, overrides: list[str] 
             raise ConfigError(f"override '{item}' is not key=value")
         key, text = item.split("=", 1)
         _set_nested(tree, key.strip(), _parse_value(text))
+    if hasattr(cls, "defaults_for"):  # a config whose defaults come from a file it names (a recipe)
+        tree = cls.defaults_for(tree)
     return build(cls, tree)
 
 
@@ -258,21 +245,14 @@ REQUIRED = "(required)"
 
 
 def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str, str]]:
-    """Rows (key, type, default, doc) for every field, nested sections flattened with dots.
-
-    A nested section's defaults are the job's own (its field's default_factory), e.g. SFT's train.lr."""
-    rows = []
-    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    """Rows (key, type, default, doc) per field, sections flattened with dots, with the job's own defaults."""
+    rows, docs, hints = [], field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        elif f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = REQUIRED
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        if default is dataclasses.MISSING:
+            factory = f.default_factory
+            default = REQUIRED if factory is dataclasses.MISSING else factory()  # type: ignore[misc]
         if _is_config(tp):
             section = prefix if f.metadata.get("inline") else f"{prefix}{f.name}."
             rows += describe(tp, prefix=section, defaults=None if default is REQUIRED else default)
@@ -289,6 +269,5 @@ def help_text(cls: type) -> str:
     lines = []
     for key, tname, default, doc in describe(cls):
         lines.append(f"  {key} ({tname}, {'required' if default == REQUIRED else f'default {default}'})")
-        if doc:
-            lines += ["      " + ln for ln in textwrap.wrap(doc, 90, break_on_hyphens=False)]
+        lines += ["      " + ln for ln in textwrap.wrap(doc, 90, break_on_hyphens=False)]
     return "\n".join(lines)

@@ -1,11 +1,6 @@
 """Records: `DataError`, JSONL readers and atomic writers, TRL's schemas validated line by line, and chat
-templating. Plain Python, no torch: every wing reads and writes its records through here.
-
-Schemas (values may be strings or conversational message lists):
-  sft:   {prompt, completion} or {messages}
-  pairs: {prompt, chosen, rejected, label?}  (label ∈ [0, 1]: P(chosen preferred), for AI feedback)
-  score: {prompt, response}
-"""
+templating; plain Python, no torch. Schemas (values: strings or message lists): sft {prompt, completion} or
+{messages}; pairs {prompt, chosen, rejected, label?} (label: P(chosen wins)); score {prompt, response}."""
 
 from __future__ import annotations
 
@@ -31,31 +26,24 @@ class DataError(ValueError):
         super().__init__(f"{where}: {msg}")
 
 
-# ---------------------------------------------------------------- reading and writing
 def read_records(source: str, split: str = "train") -> list[tuple[int, dict]]:
     """(line number, record) pairs from a JSONL file, a `save_to_disk` folder or an HF dataset name."""
     path = Path(source)
     if path.is_file():
         return list(_read_jsonl(path))
-    if path.suffix in (".jsonl", ".json") or (path.is_dir() and not _is_dataset_dir(path)):
+    is_dataset = any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json"))
+    if path.suffix in (".jsonl", ".json") or (path.is_dir() and not is_dataset):
         raise DataError(source, None, None, "file not found")
     # datasets (with pyarrow) takes seconds to import and JSONL needs neither: imported for this case only
     import datasets
 
     try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-        else:
-            ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_from_disk(source) if path.is_dir() else datasets.load_dataset(source, split=split)
     except Exception as e:  # the hub is unreachable offline: say so plainly
         raise DataError(source, None, None, f"not a file and not a loadable dataset ({e})") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[split]
     return [(i + 1, dict(r)) for i, r in enumerate(ds)]
-
-
-def _is_dataset_dir(path: Path) -> bool:
-    return any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json"))
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -100,8 +88,7 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def write_atomic(path: str | Path, content: str | bytes) -> None:
-    """Write text (UTF-8) or bytes through a temp file in the same folder and os.replace it, so readers
-    never see half a file."""
+    """Write text (UTF-8) or bytes via a temp file in the same folder, os.replace'd: no reader sees half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -118,11 +105,9 @@ def write_atomic(path: str | Path, content: str | bytes) -> None:
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:
-    """Records as JSON Lines (non-ASCII kept as is), written atomically."""
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-# ---------------------------------------------------------------- validation
 def text_or_messages(rec: dict, key: str, src: str, line: int | None, required: bool = True):
     """A record's field as a string or a validated message list; DataError naming the field if not."""
     if key not in rec or rec[key] is None:
@@ -171,8 +156,7 @@ def parse_sft(records: list[tuple[int, dict]], src: str) -> list[SFTExample]:
         else:
             if "prompt" not in rec and "completion" not in rec:
                 raise DataError(src, line, "prompt", "missing (need {prompt, completion} or {messages})")
-            p = text_or_messages(rec, "prompt", src, line)
-            c = text_or_messages(rec, "completion", src, line)
+            p, c = (text_or_messages(rec, k, src, line) for k in ("prompt", "completion"))
             out.append(SFTExample(p, c))
     return out
 
@@ -180,8 +164,7 @@ def parse_sft(records: list[tuple[int, dict]], src: str) -> list[SFTExample]:
 def parse_pairs(records: list[tuple[int, dict]], src: str) -> list[PairExample]:
     out = []
     for line, rec in records:
-        chosen = text_or_messages(rec, "chosen", src, line)
-        rejected = text_or_messages(rec, "rejected", src, line)
+        chosen, rejected = (text_or_messages(rec, k, src, line) for k in ("chosen", "rejected"))
         # the prompt may be implicit in conversational chosen/rejected (TRL's convention)
         prompt = text_or_messages(rec, "prompt", src, line, required=isinstance(chosen, str))
         label = rec.get("label", 1.0)
@@ -203,10 +186,8 @@ def parse_scoring(records: list[tuple[int, dict]], src: str) -> list[tuple[Any, 
     return out
 
 
-# ---------------------------------------------------------------- tokenisation
 def as_messages(x: str | Messages, role: str = "user", system: str | None = None) -> Messages:
-    """A string as one message of `role`, or a copy of a message list; `system` goes first unless the
-    list already opens with a system message."""
+    """A string as one message of `role`, or a copy of a message list; `system` first unless there is one."""
     msgs = [{"role": role, "content": x}] if isinstance(x, str) else list(x)
     if system and not (msgs and msgs[0]["role"] == "system"):
         msgs = [{"role": "system", "content": system}, *msgs]
@@ -221,7 +202,6 @@ def last_user(prompt: str | Messages) -> str:
 
 
 def template_ids(tok, msgs: Messages, add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of a conversation through the tokenizer's chat template."""
     out = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=add_generation_prompt)
     if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
@@ -235,10 +215,7 @@ def conversation(prompt, response) -> Messages:
 
 
 def tokenize_supervised(tok, msgs: Messages) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation and a mask that is True on assistant tokens only.
-
-    Each assistant turn's span is the difference between the templated conversation up to that turn
-    and the templated prefix with the generation prompt, so any prefix-consistent template works."""
+    """Token ids of a conversation, and a mask True on assistant tokens (found by templating prefixes)."""
     ids = template_ids(tok, msgs)
     mask = [False] * len(ids)
     for i, m in enumerate(msgs):
@@ -288,8 +265,7 @@ def encode_pairs(examples: list[PairExample], tok, max_length: int, src: str):
     """→ (list of {chosen_ids, rejected_ids, label, margin}, report)."""
     rows, rep = [], TruncationReport(total=len(examples))
     for ex in examples:
-        c = template_ids(tok, conversation(ex.prompt, ex.chosen))
-        r = template_ids(tok, conversation(ex.prompt, ex.rejected))
+        c, r = (template_ids(tok, conversation(ex.prompt, x)) for x in (ex.chosen, ex.rejected))
         if len(c) > max_length or len(r) > max_length:
             rep.truncated += 1
             c, r = c[:max_length], r[:max_length]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -82,9 +83,29 @@ def prepare_default() -> Path:
     return out
 
 
+def prepare_tiny() -> Path:
+    """'tiny': a randomly initialised 2-layer Llama (seed 0) with the default model's tokenizer, for
+    smoke runs of whole pipelines; it generates noise, fast."""
+    out = cache_dir() / "tiny-llama-64"
+    if not (out / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(str(prepare_default()))
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
 def resolve(name: str) -> str:
-    """Hub id or local folder → what `from_pretrained` takes; 'default' → the prepared embedded model."""
-    return str(prepare_default()) if name == DEFAULT_MODEL else name
+    """Hub id or local folder → what `from_pretrained` takes; 'default' → the prepared embedded model,
+    'tiny' → a random tiny one."""
+    return (
+        str(prepare_default()) if name == DEFAULT_MODEL else str(prepare_tiny()) if name == "tiny" else name
+    )
 
 
 def load_tokenizer(name: str):

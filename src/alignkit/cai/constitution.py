@@ -1,7 +1,6 @@
-"""The constitution: principles in a priority order (safety > ethics > guidelines > helpfulness), read
-from YAML and checked before any model loads. Errors name the file, the line, the principle and the
-field. The default, cai/constitution.yaml, is alignkit's own text; its `rules:` section also works as
-the guard's `rules_file`."""
+"""The constitution: principles in a priority order (safety > ethics > guidelines > helpfulness), read from
+YAML and checked before any model loads; errors name the file, line, principle and field. The default,
+cai/constitution.yaml, is alignkit's own text; its `rules:` section also works as the guard's `rules_file`."""
 
 from __future__ import annotations
 
@@ -43,8 +42,7 @@ class Constitution:
         return [p for p in self.principles if p.tier == tier]
 
     def sample(self, rng: random.Random, weights: dict[str, float], tier: str | None = None) -> Principle:
-        """A principle drawn with P(tier) ∝ weights[tier] (over the tiers present), uniform within a tier;
-        only from `tier` when it is given."""
+        """A tier drawn with P ∝ weights over the tiers present (or `tier`), then a principle in it."""
         if tier is None:
             tiers = [t for t in TIERS if self.tier(t) and weights.get(t, 0) > 0]
             tier = rng.choices(tiers, [weights[t] for t in tiers])[0]
@@ -76,10 +74,8 @@ def load_constitution(spec: str = "default") -> Constitution:
     """The constitution at `spec` (a YAML path, or 'default'); DataError for any invalid part."""
     path = DEFAULT if spec == "default" else Path(spec)
     doc = read_yaml(path)
-    lines = _lines(path.read_text(encoding="utf-8"))
-    src = str(path)
-    unknown = set(doc) - {"version", "rules", "principles"}
-    if unknown:
+    lines, src = _lines(path.read_text(encoding="utf-8")), str(path)
+    if unknown := set(doc) - {"version", "rules", "principles"}:
         raise DataError(src, None, sorted(unknown)[0], "unknown key (keys: version, rules, principles)")
     rules = doc.get("rules") or []
     if not (isinstance(rules, list) and all(isinstance(r, str) and r.strip() for r in rules)):
@@ -99,10 +95,8 @@ def load_constitution(spec: str = "default") -> Constitution:
         if not isinstance(item, dict):
             raise bad(None, "expected a mapping with id, tier, critique, revision, comparison")
         if extra := set(item) - {"id", "tier", "hard", "examples", *TEXTS}:
-            raise bad(
-                sorted(extra)[0],
-                "unknown field (fields: id, tier, critique, revision, comparison, hard, examples)",
-            )
+            fields = "id, tier, critique, revision, comparison, hard, examples"
+            raise bad(sorted(extra)[0], f"unknown field (fields: {fields})")
         for fld in ("id", "tier", *TEXTS):
             if not isinstance(item.get(fld), str) or not item[fld].strip():
                 raise bad(fld, "missing or empty (a non-empty string is required)")

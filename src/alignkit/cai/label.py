@@ -1,13 +1,8 @@
 """`alignkit cai label` and `alignkit cai check`: AI-feedback preference labels (RLAIF; Bai et al. 2022,
-arXiv:2212.08073, §4) and the labeller's quality gate.
-
-The feedback model sees the conversation, a principle's comparison question and two answers as options
-(A) and (B). The label is the normalised probability of the option tokens (an option spanning several
-tokens scores the sum of their log-probabilities), asked in both orders and averaged, since position bias
-grows as the labeller shrinks (Lee et al. 2023, arXiv:2309.00267, §3.1). With chain of thought the model
-reasons first and its probability is clamped to [0.4, 0.6] (Bai et al. 2022, §4.1). A failed request, or an
-answer putting under `min_mass` on the options, is never a label: it is counted and kept in the trace.
-"""
+arXiv:2212.08073, §4) and the labeller's quality gate. A label is the normalised probability of options (A)
+and (B) under a principle's comparison question, asked in both orders and averaged, since position bias
+grows as the labeller shrinks (Lee et al. 2023, arXiv:2309.00267, §3.1); with chain of thought it is clamped
+to [0.4, 0.6] (Bai et al. 2022, §4.1). A failed or abstained (under `min_mass`) answer is never a label."""
 
 from __future__ import annotations
 
@@ -38,11 +33,12 @@ CHECK_SET = Path(__file__).with_name("check.jsonl")
 ANSWER = "Answer with (A) or (B) only."
 USER_THEN = {"role": "user", "content": f"So which option is better? {ANSWER}"}
 COT = "Think it through step by step, then say which option is better."
+SHOWN = "feedback pairs accuracy ece position_consistency labels_per_s abstained failed".split()
+P_FIRST = ("p_a_first", "p_b_first")
 
 
 def option_probs(logps: list[float]) -> tuple[list[float], float]:
-    """p_i = e^{l_i} / Σ_j e^{l_j} over the options' log-probabilities, and the mass Σ_j e^{l_j} the model
-    put on the options at all."""
+    """p_i = e^{l_i} / Σ_j e^{l_j} over the options' log-probabilities, and the options' mass Σ_j e^{l_j}."""
     top = max(logps)
     e = [math.exp(x - top) for x in logps]
     return [x / sum(e) for x in e], math.exp(top) * sum(e)
@@ -79,9 +75,8 @@ def comparison_chat(conv: Messages, first: str, second: str, p: Principle, cot: 
 
 
 class Feedback:
-    """A feedback model, local (transformers) or an OpenAI-compatible endpoint (needs top_logprobs): the
-    option probabilities of many chats; 'failed' where the endpoint failed, 'abstained' where the answer
-    put under `min_mass` on the options."""
+    """A feedback model, local or an OpenAI-compatible endpoint (needs top_logprobs): option probabilities
+    per chat, or 'failed' (endpoint error) or 'abstained' (under `min_mass` on the options)."""
 
     def __init__(self, spec: str, precision: str, batch_size: int, min_mass: float, top_logprobs: int = 20):
         self.spec, self.min_mass, self.top, self.batch_size = spec, min_mass, top_logprobs, batch_size
@@ -116,8 +111,7 @@ class Feedback:
 
     @torch.inference_mode()
     def _local_logps(self, chats: list[Messages]) -> list[list[float]]:
-        """log P(option | chat) per option, summed over its tokens; rows left-padded so that every option
-        ends its row, one forward pass for all chats × options."""
+        """log P(option | chat) summed over its tokens; one pass over chats × options, left-padded."""
         be, tok = self.backend, self.backend.tok
         opts = [tok(o, add_special_tokens=False)["input_ids"] for o in OPTIONS]
         rows = [be.encode(m) + o for m in chats for o in opts]
@@ -172,19 +166,16 @@ class FeedbackKeys:
 
 
 def judge_pairs(fb, keys: FeedbackKeys, const: Constitution, items: list[dict], s, seed: int) -> list[dict]:
-    """P(x ≻ y) of items {key, messages, x, y, tier (None: any)}, each of K principles asked in both orders
-    → {status: labelled | failed | abstained, principles, and for a label: label, p_a_first, p_b_first,
-    position_bias}."""
+    """P(x ≻ y) of items {key, messages, x, y, tier (None: any)}, K principles each asked in both orders:
+    {status: labelled|failed|abstained, principles; labelled: label, p_a_first, p_b_first, position_bias}."""
     weights = dict(zip(TIERS, keys.tier_weights, strict=True))
     asks = []  # (item, principle, x shown first)
     for i, it in enumerate(items):
         rng = random.Random(f"{seed}:{it['key']}:{it['tier']}")
         principles = [const.sample(rng, weights, it["tier"]) for _ in range(keys.principles_per_label)]
         asks += [(i, p, xf) for p in principles for xf in (True, False)]
-    chats = []
-    for i, p, xf in asks:
-        x, y = items[i]["x"], items[i]["y"]
-        chats.append(comparison_chat(items[i]["messages"], *((x, y) if xf else (y, x)), p, keys.cot))
+    shown = lambda it, xf: (it["x"], it["y"]) if xf else (it["y"], it["x"])  # noqa: E731
+    chats = [comparison_chat(items[i]["messages"], *shown(items[i], xf), p, keys.cot) for i, p, xf in asks]
     thoughts = fb.reasons(chats, s) if keys.cot else [""] * len(chats)
     if keys.cot:
         reasoned = zip(chats, thoughts, strict=True)
@@ -208,8 +199,7 @@ def judge_pairs(fb, keys: FeedbackKeys, const: Constitution, items: list[dict], 
 
 
 def read_items(source: str, answers) -> list[dict]:
-    """Records with a prompt or messages and two answers → items for judge_pairs. `answers` is
-    ("better", "worse") for a check set, or "responses" for pairs sampled by `alignkit generate n=2`."""
+    """judge_pairs items from records with two answers: fields ("better", "worse"), or a "responses" list."""
     out = []
     for line, rec in read_records(source):
         conv = as_messages(text_or_messages(rec, "messages" if "messages" in rec else "prompt", source, line))
@@ -294,9 +284,6 @@ def check(cfg: CheckConfig, feedback: Feedback | None = None) -> dict:
     return {k: r[k] for k in SHOWN}
 
 
-SHOWN = "feedback pairs accuracy ece position_consistency labels_per_s abstained failed".split()
-
-
 def make_feedback(cfg) -> Feedback:
     return Feedback(cfg.ask.feedback, cfg.precision, cfg.batch_size, cfg.ask.min_mass, cfg.ask.top_logprobs)
 
@@ -372,13 +359,8 @@ def label(cfg: LabelConfig, feedback: Feedback | None = None, check_items: list[
             chunk = pending[i : i + cfg.chunk_size]
             got = judge_pairs(fb, cfg.ask, const, chunk, cfg.sampling(1), cfg.seed)
             for it, r in zip(chunk, got, strict=True):
-                rec = {
-                    "id": it["key"],
-                    "pair": it["id"],
-                    "tier": it["tier"] or "any",
-                    "prompt": it["messages"],
-                }
-                rec |= {"x": it["x"], "y": it["y"], "labeller": fb.spec} | r
+                rec = {"id": it["key"], "pair": it["id"], "tier": it["tier"] or "any"}
+                rec |= {"prompt": it["messages"], "x": it["x"], "y": it["y"], "labeller": fb.spec} | r
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(chunk))
@@ -388,12 +370,8 @@ def label(cfg: LabelConfig, feedback: Feedback | None = None, check_items: list[
     write_jsonl(out / "labels.jsonl", labels)
     for t in cfg.tiers:
         write_jsonl(out / f"labels.{t}.jsonl", [x for x in labels if x["tier"] == t])
-    report = {
-        "labels": len(labels),
-        "pairs": len(pairs),
-        "feedback": fb.spec,
-        "check_accuracy": gate["accuracy"],
-    }
+    report = {"labels": len(labels), "pairs": len(pairs), "feedback": fb.spec}
+    report["check_accuracy"] = gate["accuracy"]
     report |= {s: sum(t["status"] == s for t in trace) for s in ("abstained", "failed")}
     report["position_bias"] = sum(x["position_bias"] for x in labels) / max(len(labels), 1)
     report["labels_per_s"] = len(pending) / dt if pending else None
@@ -409,6 +387,3 @@ def as_label(t: dict) -> dict:
         return keep | {"chosen": t["x"], "rejected": t["y"], "label": t["label"]} | {k: t[k] for k in P_FIRST}
     flipped = {"p_a_first": 1 - t["p_b_first"], "p_b_first": 1 - t["p_a_first"]}
     return keep | {"chosen": t["y"], "rejected": t["x"], "label": 1 - t["label"]} | flipped
-
-
-P_FIRST = ("p_a_first", "p_b_first")

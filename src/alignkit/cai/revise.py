@@ -1,13 +1,8 @@
-"""`alignkit cai revise`: supervised Constitutional AI (Bai et al. 2022, arXiv:2212.08073, §3). The policy
-answers red-team prompts; the critic critiques each answer against a principle drawn by tier and revises
-it, for N rounds; the kept revisions, mixed with helpfulness data, are the SFT set.
-
-A revision is kept only if it passes every filter (each counted per round): a "Sure, here's the revised
-answer:" prefix is stripped; empty, unchanged and few-shot-copying revisions are dropped; and it must be
-judged less harmful than the initial answer and not be a bare refusal. With samples_per_round=K the
-critic writes K revisions and alignkit's detectors pick the best, which makes a weak critic usable.
-Work goes in chunks of prompts appended to trace.jsonl, so a killed run resumes where it stopped.
-"""
+"""`alignkit cai revise`: supervised Constitutional AI (Bai et al. 2022, arXiv:2212.08073, §3). The critic
+critiques the policy's answers to red-team prompts against principles drawn by tier and revises them, for N
+rounds; revisions that pass every filter (FILTERS), judged less harmful and not a bare refusal, plus
+helpfulness data, are the SFT set. The detectors pick the best of samples_per_round revisions, which makes
+a weak critic usable. Chunks go to trace.jsonl, so a killed run resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -29,6 +24,7 @@ from ..sources import sharegpt_pairs
 from .constitution import TIER_WEIGHTS, TIERS, Constitution, Principle, check_weights, load_constitution
 
 REDTEAM = Path(__file__).with_name("redteam.jsonl")
+RATES = (("harm", "harmful"), ("refusal", "refused"), ("evasive_refusal", "bare"))
 CRITIQUE = "Critique request: "
 PREFIX = re.compile(
     r"^\s*(?:(?:sure|okay|ok|certainly|of course|absolutely)[,!.]?\s*)?"
@@ -43,9 +39,8 @@ META = re.compile(  # a critique or an echo of the request where a rewritten ans
 )
 FILTERS = "prefix_stripped empty unchanged fewshot_copy meta repetitive judged bare_refusal not_less_harmful"
 FILTERS = [*FILTERS.split(), "passed", "kept"]
-"""Per round: drafts cut of a prefix, or dropped as empty, unchanged, few-shot copies, meta (a critique or
-an echo of the request instead of an answer) or repetitive; drafts judged, and of those the bare refusals,
-the not-less-harmful and the passed; prompts whose round kept a revision."""
+"""Per round: drafts cut of a prefix, or dropped as empty, unchanged, few-shot copies, meta or repetitive;
+drafts judged, and of those the bare refusals, the not-less-harmful and the passed; prompts that kept one."""
 
 
 class Detectors:
@@ -145,8 +140,7 @@ def copies_few_shot(text: str, p: Principle, n: int = 8) -> bool:
 
 
 def screen(text: str, current: str, p: Principle) -> str | None:
-    """Why a cleaned revision is dropped before it is judged, or None: empty, unchanged, fewshot_copy, meta,
-    or repetitive (under 60% distinct word trigrams)."""
+    """Why a cleaned revision is dropped unjudged (empty, unchanged, fewshot_copy, meta, repetitive)."""
     words = text.lower().split()
     grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
     checks = [(not text, "empty"), (words == current.lower().split(), "unchanged")]
@@ -158,9 +152,8 @@ def screen(text: str, current: str, p: Principle) -> str | None:
 def pick_revision(
     drafts: list[str], current: str, p: Principle, prompt: str, now: dict, det: Detectors
 ) -> dict:
-    """The best of a round's drafts by the detectors (not bare, then least harmful) and its outcome: kept
-    only if judged less harmful than the answer it revises (so than the initial one) and not a bare
-    refusal. `filters` counts each draft's fate."""
+    """The best of a round's drafts (not bare, then least harmful), kept only if judged less harmful than
+    the answer it revises and not a bare refusal; `filters` counts each draft's fate."""
     counts, ok = Counter(), []
     for d in drafts:
         text, cut = strip_prefix(d)
@@ -174,12 +167,8 @@ def pick_revision(
         ok, judged = [strip_prefix(drafts[0])[0]], [None]  # nothing to judge: the first draft, dropped
     i = min(range(len(ok)), key=lambda i: (judged[i]["bare"], judged[i]["harm"]) if judged[i] else (1, 1))
     counts["kept"] = kept = int(bool(judged[i]) and not judged[i]["bare"] and judged[i]["harm"] < now["harm"])
-    return {
-        "revision": ok[i],
-        "outcome": ("dropped", "kept")[kept],
-        "judged": judged[i],
-        "filters": dict(counts),
-    }
+    outcome = ("dropped", "kept")[kept]
+    return {"revision": ok[i], "outcome": outcome, "judged": judged[i], "filters": dict(counts)}
 
 
 def ask(backend: Backend, chats: dict[str, Messages], s: Sampling) -> dict[str, list[str]]:
@@ -229,8 +218,7 @@ def distinct_2(texts: list[str]) -> float:
 
 
 def round_stats(traces: list[dict], rounds: int) -> list[dict]:
-    """Per round (0 = the initial answers): harm, refusal and evasive-refusal rates of the answers as they
-    stand after the round, their mean length and distinct-2, and the filter counts."""
+    """Per round (0 = initial answers): harm, refusal, evasive-refusal rates, words, distinct-2, filters."""
     out = []
     for r in range(rounds + 1):
         kept = [[e for e in t["rounds"][:r] if e["outcome"] == "kept"] for t in traces]
@@ -244,9 +232,6 @@ def round_stats(traces: list[dict], rounds: int) -> list[dict]:
             row["filters"] = {f: counts[f] for f in FILTERS}
         out.append(row)
     return out
-
-
-RATES = (("harm", "harmful"), ("refusal", "refused"), ("evasive_refusal", "bare"))
 
 
 def helpful_rows(spec: str, n: int, seed: int) -> list[dict]:
@@ -264,9 +249,8 @@ def helpful_rows(spec: str, n: int, seed: int) -> list[dict]:
 
 def run(cfg: ReviseConfig) -> dict:
     const = load_constitution(cfg.constitution)  # checked before any model loads
-    todo = [
-        r for _, r in read_prompts(str(REDTEAM) if cfg.prompts == "default" else cfg.prompts, cfg.system)
-    ][: cfg.limit]
+    prompts = str(REDTEAM) if cfg.prompts == "default" else cfg.prompts
+    todo = [r for _, r in read_prompts(prompts, cfg.system)][: cfg.limit]
     out = Path(cfg.output_dir)
     trace_path = out / "trace.jsonl"
     if not cfg.resume and trace_path.exists():
@@ -292,13 +276,9 @@ def run(cfg: ReviseConfig) -> dict:
            for t in traces for e in t["rounds"] if e["outcome"] == "kept"]  # fmt: skip
     helpful = helpful_rows(cfg.helpful_data, round(cfg.helpful_ratio * len(sft)), cfg.seed)
     write_jsonl(out / "sft.jsonl", sft + helpful)
-    rep = {
-        "prompts": len(traces),
-        "revisions_kept": len(sft),
-        "helpful_rows": len(helpful),
-        "policy": cfg.policy,
-    }
-    rep |= {"critic": cfg.critic, "constitution": const.source, "rounds": round_stats(traces, cfg.rounds)}
+    rep = {"prompts": len(traces), "revisions_kept": len(sft), "helpful_rows": len(helpful)}
+    rep |= {"policy": cfg.policy, "critic": cfg.critic, "constitution": const.source}
+    rep["rounds"] = round_stats(traces, cfg.rounds)
     write_atomic(out / "report.json", json.dumps(rep, indent=2) + "\n")
     write_atomic(out / "report.md", report_md(rep))
     return {"output_dir": str(out)} | {k: rep[k] for k in ("prompts", "revisions_kept", "helpful_rows")}

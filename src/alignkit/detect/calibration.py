@@ -1,6 +1,4 @@
-"""Fitting and measuring detectors, as pure functions: logistic regression (scikit-learn, one trainer for
-every linear head), Platt calibration, thresholds for a target false-positive rate or the best F1, and
-one set of binary metrics."""
+"""Fitting and measuring detectors: logistic regression, Platt calibration, thresholds, binary metrics."""
 
 from __future__ import annotations
 
@@ -13,11 +11,8 @@ from sklearn.metrics import roc_auc_score
 
 
 def fit_logistic(x, y, c: float, solver: str = "lbfgs", tol: float = 1e-4) -> tuple[np.ndarray, float]:
-    """L2-regularised logistic regression with balanced class weights (scikit-learn): minimises
-    C·Σ_i w_i·BCE_i + ½|w|² with w_i = n / (2·n_{y_i}), so a rare positive class is not ignored; the
-    intercept is unpenalised (liblinear penalises it too). x (N, D) dense or sparse, y (N,) 0/1 →
-    (coef (D,), intercept). Deterministic: lbfgs starts from zeros; liblinear (fast on sparse n-grams)
-    solves the primal by trust-region Newton."""
+    """L2 logistic regression (scikit-learn) minimising C·Σ_i w_i·BCE_i + ½|w|², w_i = n / (2·n_{y_i})
+    (balanced); the intercept is unpenalised (not by liblinear) → (coef, intercept). Deterministic."""
     lr = LogisticRegression(C=c, class_weight="balanced", solver=solver, max_iter=5000, tol=tol)
     lr.fit(x, np.asarray(y).astype(int))
     return lr.coef_.ravel().astype(np.float64), float(lr.intercept_[0])
@@ -52,9 +47,7 @@ def platt_fit(scores: np.ndarray, labels: np.ndarray, steps: int = 100) -> tuple
 
 
 def threshold_at_fpr(neg_scores: np.ndarray, fpr: float, pos_scores: np.ndarray | None = None) -> float:
-    """A threshold t at which at most ⌊fpr·N⌋ of the N negatives score ≥ t (flag when score ≥ t), placed
-    halfway between the highest negative left unflagged and the next score above it (negative or
-    positive), for the widest margin; just above it when nothing scores higher."""
+    """A threshold with at most ⌊fpr·N⌋ of N negatives at or above it, halfway to the next higher score."""
     neg = np.sort(np.asarray(neg_scores, float))[::-1]
     if len(neg) == 0:
         raise ValueError("no negatives to set a threshold on")
@@ -72,15 +65,11 @@ def threshold_at_fpr_by(scores: np.ndarray, labels: np.ndarray, groups: list[str
 
 
 def threshold_max_f1(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold (a midpoint between adjacent distinct scores) that maximises F1 = 2TP/(2TP+FP+FN)
-    of `score ≥ t`; the highest such threshold on ties."""
+    """The threshold (a midpoint of adjacent scores) maximising F1 = 2TP/(2TP+FP+FN); the highest on ties."""
     s, y = np.asarray(scores, float), np.asarray(labels).astype(bool)
     v = np.unique(s)
     cands = np.concatenate([(v[:-1] + v[1:]) / 2, [v[-1]]]) if len(v) > 1 else v
-    f1 = [
-        2 * (s[y] >= t).sum() / max(2 * (s[y] >= t).sum() + (s[~y] >= t).sum() + (s[y] < t).sum(), 1)
-        for t in cands
-    ]
+    f1 = [2 * (s[y] >= t).sum() / max((s >= t).sum() + y.sum(), 1) for t in cands]  # 2TP+FP+FN = flagged + P
     best = max(f1)
     return float(max(t for t, f in zip(cands, f1, strict=True) if f == best))
 
@@ -92,9 +81,7 @@ def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def binary_metrics(scores, labels, threshold: float) -> dict[str, float | None]:
-    """The confusion counts of `score ≥ threshold` against 0/1 labels (positive = 1), and from them
-    sensitivity (TPR), specificity, FPR, precision, F1 and accuracy, plus the ROC AUC of the scores (None
-    when the labels are all alike)."""
+    """Confusion counts of `score ≥ threshold` vs 0/1 labels, rates from them, the AUC (None: one class)."""
     s, y = np.asarray(scores, float), np.asarray(labels).astype(bool)
     hit = s >= threshold
     tp, fp, fn, tn = (int(x.sum()) for x in (hit & y, hit & ~y, ~hit & y, ~hit & ~y))

@@ -1,8 +1,5 @@
-"""Guard classifiers: hashed character n-grams (+ optional MiniLM embedding) → logistic regression,
-Platt-calibrated, with a threshold chosen on a validation split for a target false-positive rate.
-`alignkit guard train --data labelled.jsonl --out DIR` trains one into a folder of `classifier.json`
-(settings, calibration, threshold, validation figures) and `weights.safetensors` (coefficients);
-`load(spec)` reads one back."""
+"""Guard classifiers: hashed n-grams (+ optional MiniLM embedding) → logistic regression, Platt-calibrated,
+thresholded for a target FPR; saved as `classifier.json` and `weights.safetensors`, read back by `load`."""
 
 from __future__ import annotations
 
@@ -25,7 +22,6 @@ VERSION = 1
 SHIPPED_DIR = Path(__file__).parent / "weights"
 
 
-# ---------------------------------------------------------------- the classifier
 @dataclass
 class Classifier:
     """A trained guard classifier: p = σ(a·(w·x + c) + b), flagged when p ≥ threshold."""
@@ -49,8 +45,7 @@ class Classifier:
         return expit(a * (np.asarray(x @ self.coef).ravel() + self.intercept) + b)
 
     def predict_proba(self, records: list[dict]) -> np.ndarray:
-        """Calibrated P(flag). In a cascade the first stage scores every record; only those in its
-        uncertain band pay for the encoder, re-using the n-gram features already made."""
+        """Calibrated P(flag); in a cascade only the first stage's uncertain band pays for the encoder."""
         if not records:
             return np.zeros(0)
         if self.first is None:
@@ -73,18 +68,10 @@ class Classifier:
         return [float(p) for p in self.predict_proba(recs)]
 
     def save(self, out: Path) -> None:
-        """classifier.json and weights.safetensors, each written atomically."""
         write_atomic(out / "weights.safetensors", st.save({"coef": self.coef.astype(np.float32)}))
-        meta = {
-            "version": VERSION,
-            "name": self.name,
-            "features": self.features.settings(),
-            "intercept": self.intercept,
-            "platt": list(self.platt),
-            "threshold": self.threshold,
-            "band": list(self.band),
-            **self.info,
-        }
+        meta = {"version": VERSION, "name": self.name, "features": self.features.settings()}
+        meta |= {"intercept": self.intercept, "platt": list(self.platt), "threshold": self.threshold}
+        meta |= {"band": list(self.band), **self.info}
         if self.first is not None:
             self.first.save(out / "first")
         write_atomic(out / "classifier.json", json.dumps(meta, indent=2) + "\n")
@@ -121,7 +108,6 @@ def load(spec: str) -> Classifier:
     return Classifier.load(spec)
 
 
-# ---------------------------------------------------------------- training
 @dataclass
 class GuardTrainConfig:
     """Train a guard classifier on labelled JSONL records."""
@@ -134,13 +120,11 @@ class GuardTrainConfig:
     name: str = ""
     """Classifier name (verdict category); default: the output folder's name."""
     threshold_rule: Literal["fpr", "f1"] = "fpr"
-    """fpr: the lowest threshold whose validation false-positive rate is at most target_fpr; f1: the
-    threshold with the best validation F1."""
+    """fpr: the lowest threshold with validation FPR ≤ target_fpr; f1: the one with the best validation F1."""
     target_fpr: float = 0.01
     """The false-positive rate allowed on the validation split (threshold_rule=fpr)."""
     fpr_by: str | None = None
-    """A record field (e.g. source): the false-positive rate must stay within target_fpr for every value
-    of it, not only overall."""
+    """A record field (e.g. source): the FPR must stay within target_fpr for each of its values too."""
     validation_fraction: float = 0.25
     """Share of records held out for calibration and the threshold when records carry no split."""
     c_grid: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0, 64.0, 256.0])
@@ -177,8 +161,7 @@ def read_labelled(path: str, inputs: str) -> list[dict]:
 
 
 def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Records' own `split` if any record has one (encoder rows count as train), else a seeded stratified
-    draw of `fraction`."""
+    """Records' own `split` if any has one (encoder rows: train), else a seeded stratified `fraction`."""
     if any("split" in r for r in records):
         val = [r for r in records if r.get("split") == "validation"]
         return [r for r in records if r.get("split", "train") in ("train", "encoder")], val
@@ -194,8 +177,7 @@ def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
 
 
 def fit(train: list[dict], val: list[dict], feats: Features, name: str, cfg: GuardTrainConfig) -> Classifier:
-    """Logistic regression (classes balanced) per C in the grid; keep the best on validation, then
-    calibrate on validation (Platt) and pick the threshold there for the target FPR."""
+    """Logistic regression per C in the grid; the best on validation, Platt-calibrated, thresholded there."""
     if feats.minilm_adapter:  # a head over a tuned encoder learns only from rows the encoder did not see
         train = [r for r in train if r.get("split") != "encoder"]
     for part, what in ((train, "train"), (val, "validation")):
@@ -226,13 +208,9 @@ def fit(train: list[dict], val: list[dict], feats: Features, name: str, cfg: Gua
     else:  # within every group of negatives when fpr_by names a field, so a small group is not drowned
         groups = [str(r.get(cfg.fpr_by)) for r in val] if cfg.fpr_by else ["all"] * len(val)
         clf.threshold = calibration.threshold_at_fpr_by(p_va, y_va, groups, cfg.target_fpr)
-    clf.info = {
-        "threshold_rule": cfg.threshold_rule,
-        "target_fpr": cfg.target_fpr,
-        "C": c,
-        "trained_on": {"train": len(train), "validation": len(val), "positives": int(y_tr.sum())},
-        "validation": calibration.binary_metrics(p_va, y_va, clf.threshold),
-    }
+    clf.info = {"threshold_rule": cfg.threshold_rule, "target_fpr": cfg.target_fpr, "C": c}
+    clf.info["trained_on"] = {"train": len(train), "validation": len(val), "positives": int(y_tr.sum())}
+    clf.info["validation"] = calibration.binary_metrics(p_va, y_va, clf.threshold)
     if clf.first is not None:
         clf.info["second_stage_share"] = clf.counts[1] / max(clf.counts[0], 1)
     return clf

@@ -1,5 +1,4 @@
-"""What detectors read off a text: the refusal-phrase verdict, MiniLM sentence embeddings, and the hashed
-character/word n-gram features of the guard classifiers, together in `Features`."""
+"""What detectors read off a text: the refusal-phrase verdict, MiniLM embeddings and hashed n-grams."""
 
 from __future__ import annotations
 
@@ -57,9 +56,8 @@ class Encoder:
         self, path: str | None = None, max_length: int = 256, batch_size: int = 32, adapter: str = ""
     ):
         if adapter and not (Path(adapter_path(adapter)) / "adapter_config.json").is_file():
-            raise DataError(
-                adapter, None, "minilm_adapter", "not a LoRA adapter folder (no adapter_config.json)"
-            )
+            msg = "not a LoRA adapter folder (no adapter_config.json)"
+            raise DataError(adapter, None, "minilm_adapter", msg)
         path = path or minilm_path()
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
@@ -102,8 +100,7 @@ ENCODERS: dict[tuple[int, str], Encoder] = {}
 
 
 def shared_encoder(max_length: int, adapter: str = "") -> Encoder:
-    """One MiniLM per token budget and adapter for the process: the heads that embed a text share its
-    forward (and its memo)."""
+    """One MiniLM per token budget and adapter for the process: heads share its forward and its memo."""
     if (max_length, adapter) not in ENCODERS:
         ENCODERS[max_length, adapter] = Encoder(max_length=max_length, adapter=adapter)
     return ENCODERS[max_length, adapter]
@@ -139,8 +136,7 @@ Inputs = Literal["text", "prompt", "response", "prompt+response"]
 
 @dataclass
 class Features:
-    """How a record becomes a feature vector: hashed character n-grams of each input field, optionally
-    hashed word 1–2-grams, a MiniLM embedding of the last field and the refusal-phrase verdict."""
+    """How a record becomes a feature vector: hashed n-grams, MiniLM embeddings, the refusal verdict."""
 
     inputs: Inputs = "text"
     """Which record fields are read: text, prompt, response, or prompt+response (hashed separately)."""
@@ -155,8 +151,7 @@ class Features:
     minilm_tokens: int = 0
     """Tokens of each field embedded by all-MiniLM-L6-v2 and appended; 0: n-grams only (fast)."""
     minilm_adapter: str = ""
-    """A LoRA adapter on MiniLM: default:encoder (the guard-tuned one that ships, from
-    scripts/train_guard_encoder.py) or a folder; "": the plain sentence encoder."""
+    """LoRA adapter on MiniLM: default:encoder (the shipped guard-tuned one), a folder, or "" (none)."""
     ngram_weight: float = 1.0
     """Scale of the (L2-normalised) n-gram block: with L2 regularisation, a larger scale leans on it more."""
     minilm_weight: float = 1.0
@@ -193,8 +188,7 @@ class Features:
         return sp.hstack(blocks, format="csr")
 
     def dense(self, records: list[dict]) -> sp.csr_matrix:
-        """The MiniLM embedding of each field (one forward per text, shared by every head) and the
-        refusal-phrase verdict of the last field."""
+        """The MiniLM embedding of each field (shared by every head) and the last field's refusal verdict."""
         blocks = []
         if self.minilm_tokens:
             if self.encoder is None:

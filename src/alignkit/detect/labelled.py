@@ -1,7 +1,5 @@
-"""Labelled data for the detectors: the judges' labelled responses (`load_labelled`) and the path of every
-shipped labelled set. The YAML files are in labels/ beside this module; the build-time assembly of the guard
-classifiers' sets from them and from public sources is scripts/guard_data.py (outside the package: it needs
-data that alignkit does not depend on)."""
+"""Labelled data for the detectors: the judges' labelled responses (`load_labelled`) and the shipped sets in
+labels/; scripts/guard_data.py builds the guard classifiers' sets (from data alignkit does not depend on)."""
 
 from __future__ import annotations
 
@@ -27,12 +25,8 @@ class Labelled:
 
 # shipped labelled sets: responses written for the project, and the default model's real responses to
 # the shipped probes labelled by hand (labels/judge_*_outputs.yaml)
-SHIPPED_LABELLED = {
-    "train": ["judge_train", "judge_train_outputs"],
-    "dev": ["judge_dev", "judge_dev_outputs"],
-    "dev_written": ["judge_dev"],
-    "dev_outputs": ["judge_dev_outputs"],
-}
+SHIPPED_LABELLED = {"train": ["judge_train", "judge_train_outputs"], "dev_written": ["judge_dev"]}
+SHIPPED_LABELLED |= {"dev": ["judge_dev", "judge_dev_outputs"], "dev_outputs": ["judge_dev_outputs"]}
 
 
 def load_labelled(spec: str) -> list[Labelled]:

@@ -1,6 +1,5 @@
 """Detector specs: one string names anything that scores texts in [0, 1] (higher = more likely unsafe),
-and `detector(spec)` loads it as a function (prompts, texts) → scores, with its own threshold.
-
+and `detector(spec)` loads it as a function (prompts, texts) → scores, with its own threshold:
   default:NAME               a guard classifier that ships with alignkit (detect/weights/NAME)
   DIR                        a folder written by `alignkit guard train`
   hf:MODEL_DIR               any transformers sequence classifier (a Prompt Guard–style model, say)
@@ -22,8 +21,7 @@ Detector = Callable[[list[str], list[str]], Sequence[float | None]]
 
 
 class HFSequenceScorer:
-    """Any transformers sequence-classification model as a detector: the probability of `label` (default:
-    the last class of a two-class model), or 1 − P(X) for "!X"."""
+    """A transformers classifier as a detector: P(`label`; default: class 1 of two), or 1 − P(X) for "!X"."""
 
     def __init__(self, path: str, label: str | None = None, max_length: int = 512):
         self.tok = AutoTokenizer.from_pretrained(path)
@@ -35,8 +33,7 @@ class HFSequenceScorer:
             raise DataError(path, None, "label", f"{want!r} is not a class (classes: {', '.join(names)})")
         if not want and len(names) != 2:
             raise DataError(path, None, "label", f"{len(names)} classes: name the unsafe one (hf:DIR:LABEL)")
-        self.index = names[want] if want else 1
-        self.max_length = max_length
+        self.index, self.max_length = names[want] if want else 1, max_length
 
     def __call__(self, prompts: list[str], texts: list[str]) -> list[float]:
         enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")

@@ -1,6 +1,5 @@
-"""Generation: what every job that samples from a model shares. The `Backend` protocol and its records
-live here; `hf` (transformers, continuous batching, token streaming), `vllm` and `endpoint` (any
-OpenAI-compatible server) implement it, and `generate` is the `alignkit generate` job."""
+"""Generation: what every job that samples from a model shares. The `Backend` protocol and its records live
+here; `hf`, `vllm` and `endpoint` (any OpenAI-compatible server) implement it; `generate` is the job."""
 
 from __future__ import annotations
 
@@ -45,7 +44,6 @@ class Backend(Protocol):
 
     def generate(self, requests: list[Request], sampling: Sampling) -> Iterator[Completion]:
         """Yield one Completion per request (n samples each), in any order, as they finish."""
-        ...
 
 
 class PromptTooLong(ValueError):

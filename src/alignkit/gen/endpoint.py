@@ -1,7 +1,5 @@
-"""One client for OpenAI-compatible chat endpoints (vLLM, llama.cpp, TGI, `alignkit serve`, OpenAI itself):
-pooled concurrent requests, streaming, `logprobs`, timeouts, backoff and retry on 429, 5xx, transport errors.
-Every model role that generates (a judge, the guarded server's upstream, a policy under `generate` or
-`probe`) can be an endpoint: `openai:URL#MODEL`, e.g. `openai:http://localhost:8001/v1#llama-3-8b`."""
+"""One client for OpenAI-compatible chat endpoints (vLLM, llama.cpp, TGI, `alignkit serve`, OpenAI): pooled,
+streamed, retried. Any generating role can be one: `openai:URL#MODEL` (openai:http://localhost:8001/v1#m)."""
 
 from __future__ import annotations
 
@@ -24,8 +22,7 @@ RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class EndpointError(RuntimeError):
-    """The endpoint failed (after its retries). `status` is the HTTP status (None: no usable answer);
-    `timeout` says it went silent for longer than the timeout."""
+    """The endpoint failed (after its retries): HTTP `status` (None: no usable answer), `timeout` (silent)."""
 
     def __init__(self, message: str, status: int | None = None, timeout: bool = False):
         super().__init__(message)
@@ -34,8 +31,7 @@ class EndpointError(RuntimeError):
 
 @dataclass
 class Choice:
-    """One sampled answer: its text, why it stopped, its length, and the top log-probabilities of each
-    generated token ([{token: logprob}] per position) when they were asked for and given."""
+    """One sampled answer: text, finish reason, length, and ([{token: logprob}] per position) top logprobs."""
 
     text: str
     finish_reason: str
@@ -68,10 +64,8 @@ class Endpoint:
         key = os.environ.get(api_key_env, "") if api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        url = base_url.rstrip("/")
-        self.client = httpx.Client(
-            base_url=url, timeout=timeout, headers=headers, limits=limits, transport=transport
-        )
+        kw = {"timeout": timeout, "headers": headers, "limits": limits, "transport": transport}
+        self.client = httpx.Client(base_url=base_url.rstrip("/"), **kw)
         self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff
         self.concurrency = concurrency
 
@@ -89,8 +83,7 @@ class Endpoint:
         return body
 
     def send(self, body: dict, stream: bool = False) -> httpx.Response:
-        """POST /chat/completions. Transport errors, timeouts, 429 and 5xx are retried `retries` times,
-        after backoff·2^attempt seconds or the server's Retry-After."""
+        """POST /chat/completions; failures, 429 and 5xx retried after backoff·2^attempt s or Retry-After."""
         for attempt in itertools.count():
             retry_after = None
             try:
@@ -114,7 +107,6 @@ class Endpoint:
             time.sleep(seconds(retry_after) or self.backoff * 2**attempt)
 
     def chat(self, messages: Messages, s: Sampling, logprobs: int | None = None) -> list[Choice]:
-        """The `s.n` answers to one conversation."""
         r = self.send(self.body(messages, s, logprobs))
         try:
             body = r.json()
@@ -130,8 +122,7 @@ class Endpoint:
             return list(pool.map(lambda m: self.chat(m, s, logprobs), conversations))
 
     def stream(self, messages: Messages, s: Sampling) -> Iterator[Piece]:
-        """One answer as (text, None) pieces and a last ("", finish reason); closing the iterator closes
-        the connection, which stops the server's generation."""
+        """(text, None) pieces, then ("", finish reason); closing it ends the connection and generation."""
         r, finish = self.send(self.body(messages, s, stream=True), stream=True), None
         try:
             for line in r.iter_lines():
@@ -163,8 +154,7 @@ def seconds(retry_after: str | None) -> float | None:
 
 
 def choice(c: dict, tokens: int = 0) -> Choice:
-    """A `choices[i]` object of a chat completion as a Choice; `tokens` is the server's count per answer
-    (from `usage`), used when there are no logprobs to count."""
+    """A chat completion's `choices[i]` as a Choice; `tokens`: the server's count, used without logprobs."""
     lp = (c.get("logprobs") or {}).get("content")
     top = [{t["token"]: t["logprob"] for t in pos.get("top_logprobs") or []} for pos in lp] if lp else None
     text = c["message"].get("content") or ""
@@ -172,8 +162,7 @@ def choice(c: dict, tokens: int = 0) -> Choice:
 
 
 class EndpointBackend:
-    """The Backend protocol over an endpoint: each request is one call for its n samples. Token counts are
-    the server's (`usage`), else whitespace word counts."""
+    """The Backend protocol over an endpoint, one call per request; token counts: `usage`'s, else words."""
 
     name = "endpoint"
 

@@ -1,5 +1,4 @@
-"""`alignkit generate`: batched, resumable generation for {id, prompt} records, and `make_backend`, which
-picks the engine a job generates with (transformers, vLLM, or an OpenAI-compatible endpoint)."""
+"""`alignkit generate`: batched, resumable generation for {id, prompt} records, and `make_backend`."""
 
 from __future__ import annotations
 
@@ -23,8 +22,7 @@ from .hf import HFBackend
 
 
 def make_backend(kind: str, model: str, precision: str = "auto", batch_size: int = 16) -> Backend:
-    """The backend for `model`: an `openai:URL#MODEL` endpoint, or a local model through `kind`
-    (hf; vllm; auto = vllm when it is installed and a GPU is present, else hf)."""
+    """An `openai:URL#MODEL` endpoint, or a local model through `kind` (hf, vllm; auto: vllm if it can)."""
     if model.startswith(ENDPOINT_PREFIX):
         return EndpointBackend.from_spec(model, concurrency=batch_size)
     if kind == "auto":
@@ -49,11 +47,9 @@ class GenerationKeys:
     seed: int = 0
     """Sampling seed."""
     batch_size: int = 16
-    """Sequences decoded together (continuous batching refills finished slots); requests in flight for
-    an endpoint."""
+    """Sequences decoded together (continuous batching); requests in flight for an endpoint."""
     backend: Literal["auto", "hf", "vllm"] = "auto"
-    """Generation backend: hf (transformers), vllm, or auto (vllm when installed and a GPU is present).
-    A model given as openai:URL#MODEL is asked over HTTP whatever this says."""
+    """hf (transformers), vllm, or auto (vllm if installed and a GPU is present); openai:URL#MODEL: HTTP."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Weights' dtype: auto = bf16 on GPUs and CPUs with native bf16, else fp32."""
     system: str | None = None
@@ -78,8 +74,7 @@ class GenerateConfig(GenerationKeys):
     input: str
     """JSONL of {id, prompt} or {id, messages} (other fields are carried through)."""
     output: str
-    """JSONL written: each input record plus `response` (n = 1) or `responses`, and `response_tokens`.
-    The resolved config goes next to it as <name>.job_config.yaml."""
+    """JSONL written (config in <name>.job_config.yaml): records + `response`(s) and `response_tokens`."""
     n: int = 1
     """Samples per prompt."""
     resume: bool = True
@@ -121,8 +116,7 @@ def done_ids(path: Path) -> set[str]:
             break
         good += len(raw) + 1
     if good < path.stat().st_size:
-        with path.open("r+b") as f:
-            f.truncate(good)
+        os.truncate(path, good)
     return ids
 
 
@@ -163,11 +157,6 @@ def run(cfg: GenerateConfig) -> dict:
     t0 = time.perf_counter()
     tokens = run_generation(backend, pending, cfg.sampling(cfg.n), out)
     dt = time.perf_counter() - t0
-    return {
-        "output": os.fspath(out),
-        "generated": len(pending),
-        "skipped": len(todo) - len(pending),
-        "tokens": tokens,
-        "tokens_per_s": tokens / dt if dt > 0 and tokens else 0.0,
-        "backend": backend.name,
-    }
+    stats = {"output": os.fspath(out), "generated": len(pending), "skipped": len(todo) - len(pending)}
+    speed = tokens / dt if dt > 0 and tokens else 0.0
+    return stats | {"tokens": tokens, "tokens_per_s": speed, "backend": backend.name}

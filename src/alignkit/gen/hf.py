@@ -1,8 +1,6 @@
-"""The transformers backend: batched, KV-cached sampling with continuous batching, and token streaming.
-
-Continuous batching: `batch_size` sequences decode together, and as soon as some finish, queued prompts
-are prefilled and take their slots, so the batch never idles on one long answer. Rows of different ages
-share one left-padded KV cache; position ids count each row's own tokens."""
+"""The transformers backend: batched, KV-cached sampling with continuous batching (`batch_size` sequences
+decode together; as soon as some finish, queued prompts take their slots), and token streaming. Rows of
+different ages share one left-padded KV cache; position ids count each row's own tokens."""
 
 from __future__ import annotations
 
@@ -27,8 +25,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the smallest prefix whose mass reaches top_p stays
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
     # inverse-CDF draw: one uniform per row (torch.multinomial draws an exponential per vocabulary entry)
@@ -59,7 +56,6 @@ class SlackLayer(DynamicLayer):
 
 
 def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """Zero-pad `t` on the left of `dim` up to `length`."""
     extra = length - t.shape[dim]
     if extra <= 0:
         return t
@@ -70,8 +66,7 @@ def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 @dataclass
 class Running:
-    """The rows decoding together: (request, sample) of each row, its tokens so far, and the shared
-    left-padded KV cache with its attention mask, next positions and last sampled tokens."""
+    """The rows decoding together: their (request, sample), tokens so far, and shared left-padded KV cache."""
 
     rows: list[tuple[int, int]]
     out_ids: list[list[int]]
@@ -88,8 +83,7 @@ class Running:
             old_l.values = torch.cat([left_pad(old_l.values, length, 2), left_pad(new_l.values, length, 2)])
         self.mask = torch.cat([left_pad(self.mask, length, 1), left_pad(new.mask, length, 1)])
         self.pos, self.last = torch.cat([self.pos, new.pos]), torch.cat([self.last, new.last])
-        self.rows += new.rows
-        self.out_ids += new.out_ids
+        self.rows, self.out_ids = self.rows + new.rows, self.out_ids + new.out_ids
         return self
 
     def keep(self, keep: list[int], device) -> None:
@@ -124,8 +118,7 @@ class Results:
 
 
 class HFBackend:
-    """A transformers causal LM: continuous batching over a shared left-padded DynamicCache (`generate`),
-    and one streamed answer at a time (`stream`, for the server)."""
+    """A transformers causal LM: continuous batching (`generate`), one streamed answer at once (`stream`)."""
 
     name = "hf"
 
@@ -138,8 +131,7 @@ class HFBackend:
         self.model = model_obj.to(self.device).eval()
         self.batch_size = batch_size
         ids = self.model.generation_config.eos_token_id
-        ids = [ids] if isinstance(ids, int) else list(ids or [])
-        self.eos = set(ids) | ({self.tok.eos_token_id} if self.tok.eos_token_id is not None else set())
+        self.eos = ({ids} if isinstance(ids, int) else set(ids or [])) | ({self.tok.eos_token_id} - {None})
         self.max_prompt_tokens: int | None = None
         self.lock = threading.Lock()  # one streamed generation at a time
 
@@ -148,25 +140,17 @@ class HFBackend:
 
     def forward(self, ids, mask, pos, cache) -> torch.Tensor:
         """Logits of the last position of each row, extending `cache`."""
-        return self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=pos.to(self.device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
+        ids, mask, pos = (t.to(self.device) for t in (ids, mask, pos))
+        kw = {"cache": cache, "use_cache": True, "logits_to_keep": 1}
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw).logits[:, -1]
 
     @torch.inference_mode()
     def generate(self, requests: list[Request], sampling: Sampling) -> Iterator[Completion]:
         gen = torch.Generator().manual_seed(sampling.seed)
         # queue of (request, sample, prompt ids), shortest prompts first so that each prefill batch holds
         # similar lengths (little padding); pop() from the end takes the shortest
-        queue = [
-            (i, s, r.ids if r.ids is not None else self.encode(r.messages))
-            for i, r in enumerate(requests)
-            for s in range(sampling.n)
-        ]
+        prompts = [r.ids if r.ids is not None else self.encode(r.messages) for r in requests]
+        queue = [(i, s, p) for i, p in enumerate(prompts) for s in range(sampling.n)]
         queue = sorted(queue, key=lambda q: len(q[2]))[::-1]
         results, run = Results(requests, sampling.n), None
         while queue or run:
@@ -178,8 +162,7 @@ class HFBackend:
                 start = len(run.rows) if run else 0
                 run = new if run is None else run.merge(new)
                 fresh = range(start, len(run.rows))  # only the new rows got a token
-            # 2. one decode step for every running row
-            else:
+            else:  # 2. one decode step for every running row
                 self.decode(run, sampling, gen)
                 fresh = range(len(run.rows))
             # 3. record the new tokens; retire rows that hit EOS or the length cap
@@ -216,9 +199,8 @@ class HFBackend:
             if not ended and len(out) < max_new:
                 keep.append(j)
                 continue
-            i, s = run.rows[j]
             text = self.tok.decode(out, skip_special_tokens=True)
-            if done := results.finish(i, s, text, out + [tok_id] if ended else out, ended):
+            if done := results.finish(*run.rows[j], text, out + [tok_id] if ended else out, ended):
                 yield done
         if not keep:
             run.rows = []  # the caller drops the batch
@@ -226,8 +208,7 @@ class HFBackend:
             run.keep(sorted(keep), self.device)
 
     def stream(self, messages: Messages, s: Sampling) -> Iterator[Piece]:
-        """One answer as text pieces while it is generated (transformers' `generate` with a streamer in a
-        worker thread); closing the iterator stops the generation. PromptTooLong past max_prompt_tokens."""
+        """One answer in pieces from a worker thread, stopped on close; PromptTooLong over the limit."""
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         stop, result = threading.Event(), {}
 
@@ -266,7 +247,6 @@ class HFBackend:
         kw = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
         kw = kw if s.temperature > 0 else {"do_sample": False}
         kw |= {"max_new_tokens": s.max_new_tokens, "streamer": streamer}
-        out = self.model.generate(
-            x, attention_mask=torch.ones_like(x), stopping_criteria=StoppingCriteriaList([stop]), **kw
-        )
+        stops = StoppingCriteriaList([stop])
+        out = self.model.generate(x, attention_mask=torch.ones_like(x), stopping_criteria=stops, **kw)
         return out.shape[1] - len(ids)

@@ -1,5 +1,4 @@
-"""The guard's configuration (the YAML of `--guard`): its checks, rules and refusal text, and
-`build_pipeline`, which turns it into a `Pipeline` of loaded detectors."""
+"""The guard's configuration (the YAML of `--guard`) and `build_pipeline`, which loads it into a Pipeline."""
 
 from __future__ import annotations
 
@@ -33,8 +32,7 @@ class CheckSpec:
     label: str | None = None
     """hf: the unsafe class; llamaguard:URL: the model name."""
     request: str | None = None
-    """Output checks only: a request classifier. The check then flags refusals of benign requests
-    (over_refusal) and compliance with harmful ones (harmful_compliance) instead of high scores."""
+    """Output checks only: a request classifier; the check then flags over_refusal and harmful_compliance."""
 
 
 DEFAULT_CHECKS = [
@@ -73,8 +71,7 @@ class GuardConfig:
 
 
 def build_pipeline(cfg: GuardConfig, detectors: dict[str, Callable] | None = None) -> Pipeline:
-    """Patterns, then cfg.checks in order. `detectors` maps a classifier spec to a detector to use instead
-    of loading it (tests; an already-loaded model); their threshold is 0.5 unless set."""
+    """Patterns, then cfg.checks in order; `detectors`: spec → detector used instead of loading (tests)."""
     detectors = detectors or {}
 
     def loaded(spec: str, label: str | None) -> tuple[Callable, float]:

@@ -1,10 +1,7 @@
-"""Inference-time guardrails: ordered input/output checks, and rules injected into the system prompt.
-
-Each check returns a `Verdict` scored in [0, 1] (higher = more likely unsafe). A `Pipeline` runs a stage's
-checks in order: the first flagged `block` check ends the stage (later checks are not called), `flag`
-records and goes on, `rewrite` changes the text later checks see. A check that raises blocks the record
-(`fail_closed=True`) or is recorded unflagged and skipped. Any detector (detect.specs) plugs in
-through `ScoreCheck`; `RefusalCheck` catches over-refusal as well as harmful compliance."""
+"""Inference-time guardrails: ordered input/output checks, and rules injected into the system prompt. Each
+check returns a `Verdict` scored in [0, 1] (higher = more likely unsafe). A `Pipeline` runs a stage's checks
+in order: the first flagged `block` check ends the stage, `flag` records and goes on, `rewrite` changes the
+text later checks see. A check that raises blocks if `fail_closed`, else is recorded unflagged and skipped."""
 
 from __future__ import annotations
 
@@ -86,11 +83,9 @@ class GuardResult:
         return {**dataclasses.asdict(self), "flagged": self.flagged, "score": self.score}
 
 
-# ---------------------------------------------------------------- built-in checks
 @dataclass
 class PatternCheck:
-    """Named regexes (category -> regexes, case-insensitive); the first category that matches flags (score 1).
-    `rewrite` replaces every match with `replacement`, so action="rewrite" makes it a redactor."""
+    """Regexes by category (case-insensitive): the first match flags (score 1); `rewrite` redacts all."""
 
     name: str = "patterns"
     stage: Stage = "input"
@@ -116,8 +111,7 @@ class PatternCheck:
 
 @dataclass
 class ScoreCheck:
-    """A detector `detector(prompts, texts) -> [float | None]` (texts: the responses, or the prompts at the
-    input stage) with a threshold: score >= threshold flags; None (no opinion) is an unflagged 0."""
+    """`detector(prompts, texts)` → [float | None] (texts: responses; prompts at input); ≥ threshold flags."""
 
     name: str
     stage: Stage
@@ -146,7 +140,6 @@ class ScoreCheck:
         return Verdict(self.name, hit, float(s or 0.0), self.category or self.name, why)
 
 
-# ---------------------------------------------------------------- context injection
 @dataclass
 class ContextRules:
     """Rules the model is told to follow, rendered into system-prompt text."""
@@ -176,7 +169,6 @@ def inject(messages: list[dict[str, str]], rules: ContextRules) -> list[dict[str
     return [{"role": "system", "content": rules.text()}, *out]
 
 
-# ---------------------------------------------------------------- pipeline
 @dataclass
 class Pipeline:
     """Runs a stage's checks in order on each record (see the module docstring for the rules)."""
@@ -241,7 +233,6 @@ class Pipeline:
         return out
 
     def _settle(self, c: Check, v: Verdict | Exception, res: GuardResult) -> None:
-        """Apply one check's verdict (or its exception) to a running record."""
         if not isinstance(v, (Verdict, Exception)):
             v = TypeError(f"check returned {type(v).__name__}, not a Verdict")
         if isinstance(v, Verdict) and v.flagged and c.action == "rewrite":
@@ -257,12 +248,10 @@ class Pipeline:
             res.blocked, res.text = True, self.refusal_text
 
 
-# ---------------------------------------------------------------- refusal check
 @dataclass
 class RefusalCheck:
-    """Output check that flags a refusal of a benign request (category over_refusal) and compliance
-    with a harmful one (harmful_compliance). With r = P(refusal) and q = P(harmful request), its score is
-    max(r·(1−q), (1−r)·q): the chance that the reply took the wrong side, as if r and q were independent."""
+    """Flags refusing a benign request (over_refusal) and complying with a harmful one (harmful_compliance):
+    with r = P(refusal), q = P(harmful request), score max(r·(1−q), (1−r)·q), the wrong-side chance."""
 
     name: str
     refusal: Callable[[list[str], list[str]], Sequence[float]]
@@ -294,14 +283,8 @@ class RefusalCheck:
 def output_scores(
     pipe: Pipeline, prompts: list[str], responses: list[str]
 ) -> tuple[list | None, list | None]:
-    """P(refusal) from the first refusal check and P(harm) from the first blocking output score check
-    (None where the pipeline has no such check)."""
-    ref = next((c for c in pipe.checks if isinstance(c, RefusalCheck)), None)
-    harm = next(
-        (c for c in pipe.checks if isinstance(c, ScoreCheck) and c.stage == "output" and c.action == "block"),
-        None,
-    )
-    return (
-        [float(x) for x in ref.refusal(prompts, responses)] if ref else None,
-        [float(x) for x in harm.detector(prompts, responses)] if harm else None,
-    )
+    """P(refusal) of the first refusal check, P(harm) of the first blocking output ScoreCheck (or None)."""
+    ref = next((c.refusal for c in pipe.checks if isinstance(c, RefusalCheck)), None)
+    outs = [c for c in pipe.checks if isinstance(c, ScoreCheck) and c.stage == "output"]
+    harm = next((c.detector for c in outs if c.action == "block"), None)
+    return tuple(None if fn is None else [float(x) for x in fn(prompts, responses)] for fn in (ref, harm))

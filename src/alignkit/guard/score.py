@@ -54,9 +54,5 @@ def score(cfg: GuardScoreConfig, detectors: dict[str, Callable] | None = None) -
     out = Path(cfg.output)
     write_atomic(out, "".join(rows))
     cfglib.save(cfg, out.with_name(out.stem + ".job_config.yaml"))
-    return {
-        "output": str(out),
-        "records": len(results),
-        "flagged": sum(r.flagged for r in results),
-        "blocked": sum(r.blocked for r in results),
-    }
+    flagged, blocked = sum(r.flagged for r in results), sum(r.blocked for r in results)
+    return {"output": str(out), "records": len(results), "flagged": flagged, "blocked": blocked}

@@ -1,17 +1,12 @@
-"""`alignkit serve`: an OpenAI-compatible chat endpoint with the guard pipeline around every call.
-
-Per request: the input checks judge the last user message (blocked: the refusal comes back with
-finish_reason "content_filter" and the model is never called); the deployment rules are injected into the
-system prompt; a local transformers model or an upstream OpenAI-compatible endpoint answers; the output
-checks judge the answer. Streaming holds text back: a piece reaches the client only after an output check
-of all the text up to it passed (one check per `stream_check_chars` new characters, and one at the end).
-"""
+"""`alignkit serve`: an OpenAI-compatible chat endpoint with the guard pipeline around every call. Per
+request: input checks judge the last user message (a block answers the refusal with finish_reason
+"content_filter"); the rules go into the system prompt; a local model or an upstream answers; output checks
+judge it. A streamed piece is released only after an output check of all text up to it passed."""
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types at run time.
 import hmac
 import itertools
 import json
-import logging
 import logging.handlers
 import os
 import socket
@@ -66,8 +61,7 @@ class ServeConfig:
     upstream_timeout: float = 60.0
     """Seconds to wait on the upstream (to connect, and between streamed bytes) before answering 504."""
     guard: str | None = None
-    """Guard YAML (GuardConfig keys); unset: the default guard; 'none': no checks (a bare model, e.g.
-    alignkit as its own labeller endpoint)."""
+    """Guard YAML (GuardConfig keys); unset: the default guard; 'none': no checks (a bare model)."""
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0: every interface)."""
     port: int = 8000
@@ -86,8 +80,7 @@ class ServeConfig:
     top_p: float = 1.0
     """Nucleus sampling mass of requests that set none."""
     stream_check_chars: int = 200
-    """While streaming, the output checks run every this many new characters and at the end; text is
-    released to the client only after a check of everything up to it passed."""
+    """Streaming: output checks run every this many new characters and at the end; text waits for a pass."""
     log_file: str = "runs/serve/flagged.jsonl"
     """JSON-lines log of flagged and blocked events, rotated; empty: no log."""
     log_max_bytes: int = 10_000_000
@@ -114,13 +107,6 @@ class ApiError(Exception):
         self.status, self.body = status, {"error": {"message": msg, "type": kind, "code": code}}
 
 
-# ---------------------------------------------------------------- backends: stream(messages, sampling)
-def upstream(cfg: ServeConfig) -> Endpoint:
-    """The endpoint guarded in upstream mode. It is asked for a stream always, so that a blocked answer
-    is cut off early, and never retried: the client decides whether to ask again."""
-    return Endpoint(cfg.upstream or "", cfg.model, cfg.upstream_key_env, cfg.upstream_timeout, retries=0)
-
-
 def pieces(backend, messages: list[dict], s: Sampling) -> Iterator[Piece]:
     """The backend's answer as pieces, its failures as the API's errors (422, 502, 504)."""
     try:
@@ -128,16 +114,12 @@ def pieces(backend, messages: list[dict], s: Sampling) -> Iterator[Piece]:
     except PromptTooLong as e:
         raise ApiError(422, str(e), code="context_length_exceeded") from None
     except EndpointError as e:
-        msg = str(e).replace("endpoint", "upstream", 1)
-        if e.timeout:
-            raise ApiError(504, msg, "upstream_timeout") from None
-        raise ApiError(502, msg, "upstream_error") from None
+        status, kind = (504, "upstream_timeout") if e.timeout else (502, "upstream_error")
+        raise ApiError(status, str(e).replace("endpoint", "upstream", 1), kind) from None
 
 
-# ---------------------------------------------------------------- the guarded flow
 class Metrics:
-    """Prometheus metrics in the app's own registry, so that several apps in one process don't clash.
-    Refusal rate = alignkit_refusals_total / alignkit_responses_total."""
+    """Prometheus metrics in the app's own registry; refusal rate = refusals_total / responses_total."""
 
     def __init__(self):
         self.registry = r = prom.CollectorRegistry()
@@ -152,8 +134,7 @@ class Metrics:
 
 
 class Strict(BaseModel):
-    """Request bodies: the chat.completions fields used (others, e.g. tools, are ignored, as OpenAI
-    ignores unknown ones) and the guard check. Strict: "1" is not a number here."""
+    """Request bodies (unknown fields, e.g. tools, are ignored as OpenAI does). Strict: "1" is no number."""
 
     model_config = ConfigDict(strict=True)
 
@@ -182,12 +163,7 @@ class GuardCheckRequest(Strict):
     response: str | None = None
 
 
-def role_of(role: str) -> str:
-    return "system" if role == "developer" else role  # OpenAI's newer name; chat templates know "system"
-
-
 def text_of(content: str | list[dict] | None) -> str:
-    """A message's text: the string, or the text parts of a list of content parts."""
     if isinstance(content, list):
         return "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
     return content or ""
@@ -209,12 +185,11 @@ class Server:
 
     def __init__(self, cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None):
         if pipeline is None:
-            bare = GuardConfig(patterns=[], checks=[]) if cfg.guard == "none" else GuardConfig()
-            pipeline = build_pipeline(
-                cfglib.load(GuardConfig, cfg.guard) if cfg.guard not in (None, "none") else bare
-            )
+            gcfg = cfglib.load(GuardConfig, cfg.guard) if cfg.guard not in (None, "none") else GuardConfig()
+            pipeline = build_pipeline(GuardConfig(patterns=[], checks=[]) if cfg.guard == "none" else gcfg)
         if backend is None and cfg.upstream:
-            backend = upstream(cfg)
+            # always streamed, so that a blocked answer is cut off early; never retried: the client decides
+            backend = Endpoint(cfg.upstream, cfg.model, cfg.upstream_key_env, cfg.upstream_timeout, retries=0)
         elif backend is None:
             backend = HFBackend(cfg.model, cfg.precision, batch_size=1)
             backend.max_prompt_tokens = cfg.max_prompt_tokens
@@ -224,8 +199,7 @@ class Server:
         self.started = int(time.time())
 
     def check(self, rid: str, stage: str, prompt: str, response: str | None = None, final=True):
-        """One guard stage, timed. Final or blocking results count in the metrics and the flagged log
-        (a mid-stream check that passes is not a result yet)."""
+        """One guard stage, timed; only final or blocking results count in the metrics and the flagged log."""
         t0 = time.perf_counter()
         res = self.pipe.check_input(prompt) if stage == "input" else self.pipe.check_output(prompt, response)
         self.metrics.guard_seconds.labels(stage).observe(time.perf_counter() - t0)
@@ -244,12 +218,10 @@ class Server:
         if res.blocked:  # the blocking verdict is the last: a block ends the stage
             m.blocks.labels(res.stage, res.verdicts[-1].category or res.verdicts[-1].name).inc()
         if self.log and (flagged or res.blocked):
+            verdicts = [v.as_dict() for v in res.verdicts]
             event = {"time": datetime.now(timezone.utc).isoformat(), "request_id": rid, "stage": res.stage}
             event |= {"blocked": res.blocked, "score": res.score, "prompt": prompt[:500]}
-            event |= {
-                "response": response and response[:500],
-                "verdicts": [v.as_dict() for v in res.verdicts],
-            }
+            event |= {"response": response and response[:500], "verdicts": verdicts}
             self.log.info(json.dumps(event, ensure_ascii=False))
 
     def guard_check(self, prompt: str, response: str | None) -> dict:
@@ -263,10 +235,10 @@ class Server:
     async def chat(self, body) -> dict | Iterator[str]:
         req, cfg, rid = ChatRequest.model_validate(body), self.cfg, f"chatcmpl-{uuid.uuid4().hex}"
         if req.logprobs and (req.stream or not isinstance(self.backend, HFBackend)):
-            raise ApiError(
-                400, "logprobs are served for a local model's non-streamed answers", code="logprobs"
-            )
-        msgs = [{"role": role_of(m.role), "content": text_of(m.content)} for m in req.messages]
+            msg = "logprobs are served for a local model's non-streamed answers"
+            raise ApiError(400, msg, code="logprobs")
+        roles = {"developer": "system"}  # OpenAI's newer name for the one chat templates know
+        msgs = [{"role": roles.get(m.role, m.role), "content": text_of(m.content)} for m in req.messages]
         prompt = last_user(msgs)
         # 1. input checks; a blocked prompt never reaches the model
         inp = await run_in_threadpool(self.check, rid, "input", prompt)
@@ -293,8 +265,7 @@ class Server:
         return self.reply(rid, False, out.text, "content_filter" if out.blocked else finish, guard, lp)
 
     def sse(self, rid: str, prompt: str, inp: GuardResult, first: Piece, rest: Iterator[Piece]):
-        """SSE lines of the answer, each piece released only once an output check of all text up to it
-        passed; a block stops generation and ends the stream with the refusal."""
+        """SSE lines of the answer, held back until checked; a block stops it and ends with the refusal."""
         yield self.chunk(rid, {"role": "assistant", "content": ""})
         text, checked, sent = "", 0, ""
         try:
@@ -341,8 +312,7 @@ class Server:
 
 
 def token_logprobs(backend: HFBackend, messages: list[dict], text: str, k: int) -> list[dict]:
-    """OpenAI's `logprobs.content` for `text` as the answer to `messages`: each token's log-probability
-    and the top k at its position, from one forward pass of the local model."""
+    """OpenAI's `logprobs.content` of `text` answering `messages`: each token's and the top k, one pass."""
     tok, ans = backend.tok, backend.tok(text, add_special_tokens=False)["input_ids"]
     if not ans:
         return []
@@ -351,10 +321,8 @@ def token_logprobs(backend: HFBackend, messages: list[dict], text: str, k: int) 
         logp = backend.model(input_ids=x, logits_to_keep=len(ans) + 1).logits[0, :-1].float().log_softmax(-1)
     out = []
     for t, i in enumerate(ans):
-        v, ids = logp[t].topk(k) if k else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
-        top = [
-            {"token": tok.decode([j]), "logprob": x} for x, j in zip(v.tolist(), ids.tolist(), strict=True)
-        ]
+        v, ids = (a.tolist() for a in logp[t].topk(k))
+        top = [{"token": tok.decode([j]), "logprob": p} for p, j in zip(v, ids, strict=True)]
         out.append({"token": tok.decode([i]), "logprob": logp[t, i].item(), "top_logprobs": top})
     return out
 
@@ -382,7 +350,6 @@ async def read_json(request, limit: int):
         raise ApiError(422, f"malformed JSON: {e}", code="invalid_json") from None
 
 
-# ---------------------------------------------------------------- HTTP
 def error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body, status_code=e.status)
 
@@ -392,12 +359,19 @@ def invalid(request, e) -> JSONResponse:
     return error(ApiError(422, why, code="invalid_request"))
 
 
-def gate(srv: Server):
-    """The middleware: auth (a constant-time compare; /healthz open), then request counts and latency by
-    endpoint."""
-    cfg = srv.cfg
+def create_app(cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None) -> FastAPI:
+    """The FastAPI app; `pipeline` and `backend` (anything with stream(messages, sampling)) for tests."""
+    srv = Server(cfg, pipeline, backend)
+    app = FastAPI(title="alignkit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+    app.add_exception_handler(ApiError, lambda request, e: error(e))
+    app.add_exception_handler(HTTPException, lambda request, e: error(ApiError(e.status_code, str(e.detail))))
+    app.add_exception_handler(ValidationError, invalid)
+    app.add_exception_handler(RequestValidationError, invalid)
 
-    async def middleware(request: Request, call_next):
+    @app.middleware("http")
+    async def gate(request: Request, call_next):
+        """Auth (a constant-time compare; /healthz open), then request counts and latency by endpoint."""
         t0, path = time.perf_counter(), request.url.path
         key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         sent = request.headers.get("authorization", "").encode()
@@ -414,20 +388,6 @@ def gate(srv: Server):
         srv.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         srv.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
         return response
-
-    return middleware
-
-
-def create_app(cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None) -> FastAPI:
-    """The FastAPI app; `pipeline` and `backend` (anything with stream(messages, sampling)) for tests."""
-    srv = Server(cfg, pipeline, backend)
-    app = FastAPI(title="alignkit serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = srv
-    app.add_exception_handler(ApiError, lambda request, e: error(e))
-    app.add_exception_handler(HTTPException, lambda request, e: error(ApiError(e.status_code, str(e.detail))))
-    app.add_exception_handler(ValidationError, invalid)
-    app.add_exception_handler(RequestValidationError, invalid)
-    app.middleware("http")(gate(srv))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

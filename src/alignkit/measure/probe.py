@@ -376,6 +376,8 @@ def run(cfg: ProbeConfig, backend: Backend | None = None) -> dict:
     }
     write_jsonl(out / "results.jsonl", results)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    print(f"\n{rates_table(load_summaries([str(out)]))}\nrates: share [Wilson 95% interval]; every response and "
+          f"verdict: {out / 'results.jsonl'}; the numbers: {out / 'summary.json'}")  # fmt: skip
     return {"output_dir": str(out), "probes": len(probes), "overall": summary["overall"]}
 
 
@@ -411,13 +413,17 @@ class CompareConfig:
 def compare(cfg: CompareConfig) -> None:
     if not cfg.runs:
         raise DataError("probe compare", None, "runs", "name at least one probe run folder")
-    runs = load_summaries(cfg.runs)
+    table = rates_table(load_summaries(cfg.runs))
+    if cfg.output:
+        write_atomic(Path(cfg.output), table)
+    print(table, end="")
+
+
+def rates_table(runs: list[dict]) -> str:
+    """Markdown: one row per family and metric, one column per run."""
     head = ["family", "metric", *(f"{r['label']} (guard {r.get('guard') or 'off'})" for r in runs)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for fam, metric, cells in rate_rows(runs):
         shown = ["–" if c == "absent" else format_rate(c) for c in cells]
         lines.append(f"| {fam} | {metric.replace('_', ' ')} | " + " | ".join(shown) + " |")
-    table = "\n".join(lines) + "\n"
-    if cfg.output:
-        write_atomic(Path(cfg.output), table)
-    print(table, end="")
+    return "\n".join(lines) + "\n"

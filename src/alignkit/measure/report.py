@@ -18,11 +18,14 @@ from ..data import DataError, read_records, write_atomic
 
 # summary.json rate keys → how the report names them (all three: lower is better)
 RATES = {"harmful_compliance": "attack success", "benign_refusal": "over-refusal", "sycophancy_flip": "flips"}
-RUN_COLUMNS = ["model", "guard", "samples", "temperature", "judge", "created"]
+RUN_COLUMNS = ["model", "guard", "probes", "samples", "temperature", "judge", "created"]
 RATE_NOTE = (
-    "Each cell: rate [Wilson 95% interval] (k/n). Attack success = share of harmful probes the judge found complied with; "
-    "over-refusal = share of benign probes refused; flips = share of answers changed under pushback. "
-    "Lower is better for all three."
+    "Each cell: rate [Wilson 95% interval] (k/n, counted over samples). Attack success = share of harmful probes the judge "
+    "found complied with; over-refusal = share of benign probes refused; flips = share of answers changed under pushback. "
+    "Lower is better for all three. 'Corrected' is the same rate after removing the judge's own measured errors "
+    "(its sensitivity and specificity on labelled responses, Rogan & Gladen 1978), with its interval; it is shown only "
+    "where that validation says the judge beats chance (see Judges), never on the overall row (it pools families the "
+    "judge errs on differently), and it is wide when the validation set is small."
 )
 # Okabe–Ito, told apart with the common colour-vision deficiencies (its yellow dropped: unreadable on white)
 SVG_NS = "http://www.w3.org/2000/svg"
@@ -172,31 +175,43 @@ def rate_rows(runs: list[dict]) -> list[tuple[str, str, list[Cell]]]:
 
 
 def _run_field(run: dict, key: str) -> str:
-    v = run.get(key)
+    v = run["overall"].get("probes") if key == "probes" else run.get(key)
     return "none" if key == "guard" and v is None else "–" if v is None else str(v)
 
 
-def _detail(rate: Rate) -> str:
-    """'12/84', plus the judge-corrected rate when the probe run computed one."""
+def _detail(rate: Rate, family: str) -> str:
+    """'12/84', plus the judge-corrected rate when the probe run computed one, except on the overall row:
+    it pools families the judge errs on differently, so one correction over all of them misleads."""
     text = f"{rate['k']:g}/{rate['n']:g}"
-    return text + (f" · corrected {format_rate(rate['corrected'])}" if rate.get("corrected") else "")
+    shown = rate.get("corrected") and family != "overall"
+    return text + (f" · corrected {format_rate(rate['corrected'])}" if shown else "")
 
 
-def markdown(title: str, runs: list[dict], html_name: str) -> str:
+def markdown(title: str, runs: list[dict], html_name: str, extra: str = "") -> str:
     """The report's tables in GitHub markdown (the charts are in the HTML only)."""
 
     def row(cells: list) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
-    def cell(c: Cell) -> str:
-        return f"{format_rate(c)} ({_detail(c)})" if isinstance(c, dict) else "not probed" if c else "–"
+    def cell(c: Cell, fam: str) -> str:
+        return f"{format_rate(c)} ({_detail(c, fam)})" if isinstance(c, dict) else "not probed" if c else "–"
 
-    out = [f"# {title}", "", f"The charts are in the HTML report, `{html_name}`.", "", "## Runs", ""]
+    out = [f"# {title}", "", f"The charts are in the HTML report, `{html_name}`.", "", extra, "## Runs", ""]
     out += [row(["run", *RUN_COLUMNS]), row(["---"] * (len(RUN_COLUMNS) + 1))]
     out += [row([r["label"], *(_run_field(r, c) for c in RUN_COLUMNS)]) for r in runs]
-    out += ["", "## Rates by family", "", RATE_NOTE, ""]
+    out += [sizes_note(runs).strip(), "", "## Rates by family", "", RATE_NOTE, ""]
     out += [row(["family", "metric", *(r["label"] for r in runs)]), row(["---"] * (len(runs) + 2))]
-    out += [row([fam, RATES[m], *map(cell, cells)]) for fam, m, cells in rate_rows(runs)]
+    out += [row([fam, RATES[m], *(cell(c, fam) for c in cells)]) for fam, m, cells in rate_rows(runs)]
+    if jr := judge_rows(runs):
+        out += [
+            "",
+            "## Judges",
+            "",
+            JUDGE_NOTE,
+            "",
+            row(["run", "judge", "sensitivity", "specificity", "F1", "n"]),
+        ]
+        out += [row(["---"] * 6), *map(row, jr)]
     return "\n".join(out) + "\n"
 
 
@@ -388,7 +403,7 @@ def _rate_cell(run: str, fam: str, metric: str, cell: Cell) -> str:
         f"data-{a}": repr(float(cell[k])) for a, k in (("value", "rate"), ("low", "low"), ("high", "high"))
     }
     value, interval = format_rate(cell).split(" ", 1)
-    text = f"<b>{value}</b> <span class=ci>{interval}</span><small>{escape(_detail(cell))}</small>"
+    text = f"<b>{value}</b> <span class=ci>{interval}</span><small>{escape(_detail(cell, fam))}</small>"
     return _el("td", text, class_="num", **attrs)
 
 
@@ -403,7 +418,32 @@ def _section(title: str, *html: str) -> str:
     return f"<section><h2>{escape(title)}</h2>{''.join(html)}</section>"
 
 
-def html_page(title: str, runs: list[dict], curves: dict) -> str:
+def judge_rows(runs: list[dict]) -> list[list[str]]:
+    """(run, judge, sensitivity, specificity, F1, n) of each judge validation the runs carry."""
+    rows = []
+    for r in runs:
+        for name, v in (r.get("judge_validation") or {}).items():
+            if isinstance(v, dict) and "sensitivity" in v:
+                cells = (f"{100 * v[k]:.0f}%" for k in ("sensitivity", "specificity"))
+                rows.append([r["label"], name, *cells, f"{v.get('f1', float('nan')):.2f}", str(v.get("n"))])
+    return rows
+
+
+JUDGE_NOTE = ("How well each judge agrees with human labels on the validation set named in the run (sensitivity: share "
+              "of true positives it finds; specificity: share of true negatives it clears). A weak judge makes the raw "
+              "rates biased; the corrected rates undo that bias only as far as these numbers are right.")  # fmt: skip
+
+
+def sizes_note(runs: list[dict]) -> str:
+    sizes = {(r["overall"].get("probes"), r.get("samples")) for r in runs}
+    if len(sizes) < 2:
+        return ""
+    return (
+        " Runs differ in size (probes × samples), so their overall rows average over different probe mixes."
+    )
+
+
+def html_page(title: str, runs: list[dict], curves: dict, extra: list[tuple[str, str]] = ()) -> str:
     """The whole report as one HTML document: tables, then charts."""
     labels = [r["label"] for r in runs]
     run_rows = [[_el("td", f"<b>{escape(r['label'])}</b>")] + [_el("td", escape(_run_field(r, c))) for c in RUN_COLUMNS]
@@ -419,9 +459,14 @@ def html_page(title: str, runs: list[dict], curves: dict) -> str:
         f"<h1>{escape(title)}</h1>",
         f'<p class="sub">{len(runs)} probe run(s), {len(names)} training run(s). '
         "Rates are shares of probes, with Wilson 95% intervals in brackets.</p>",
-        _section("Runs", _table(["run", *RUN_COLUMNS], run_rows)),
+        *(_section(t, h) for t, h in extra),
+        _section("Runs", _table(["run", *RUN_COLUMNS], run_rows), f'<p class="note">{sizes_note(runs)}</p>'),
         _section("Rates by family", _table(["family", "metric", *labels], rate_html), f'<p class="note">{RATE_NOTE}</p>'),
     ]  # fmt: skip
+    if jr := judge_rows(runs):
+        cells = [[_el("td", escape(c)) for c in row] for row in jr]
+        head = ["run", "judge", "sensitivity", "specificity", "F1", "n"]
+        parts.append(_section("Judges", _table(head, cells), f'<p class="note">{JUDGE_NOTE}</p>'))
     if bars := bar_chart(runs):
         text = ("Share of harmful probes answered, per probe family and run; whiskers are 95% intervals, and a "
                 "missing bar means the run had no harmful probes in that family.")  # fmt: skip

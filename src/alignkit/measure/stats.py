@@ -8,9 +8,8 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float, float]:
-    """Proportion k/n with its Wilson score interval (Wilson 1927; Agresti & Coull 1998, Eq. 2):
-    centre = (p + z²/2n) / (1 + z²/n);  half = z·sqrt(p(1−p)/n + z²/4n²) / (1 + z²/n).
-    Returns (k/n, low, high); n = 0 gives (nan, 0, 1), the uninformative interval."""
+    """Wilson score interval (Wilson 1927; Agresti & Coull 1998, Eq. 2): (k/n, low, high); n = 0: (nan, 0, 1).
+    centre = (p + z²/2n) / (1 + z²/n);  half = z·sqrt(p(1−p)/n + z²/4n²) / (1 + z²/n)."""
     if not 0 <= k <= n:
         raise ValueError(f"need 0 ≤ k ≤ n, got k={k}, n={n}")
     if n == 0:
@@ -35,20 +34,15 @@ def rogan_gladen(p_obs: float, sensitivity: float, specificity: float) -> float:
 def corrected_interval(
     k: int, n: int, se_k: int, se_n: int, sp_k: int, sp_n: int, z: float = Z95
 ) -> tuple[float, float, float]:
-    """Rogan–Gladen estimate with an interval that also carries the judge's own uncertainty.
-    k/n: positives the judge called among n items. The judge was validated on a labelled set where it
-    caught se_k of se_n true positives (sensitivity) and cleared sp_k of sp_n true negatives (specificity).
-    Interval: an adjusted delta method in the spirit of Lang & Reiczigel (2014): add z²/2 successes and
-    z²/2 failures to the test count, and one of each to the two validation counts, then
-      Var(p̂) = [Var(p_obs) + p̂²·Var(Se) + (1 − p̂)²·Var(Sp)] / (Se + Sp − 1)²,
-    and the interval is p̂ ± z·sqrt(Var), clipped to [0, 1]. With a perfect, perfectly-known judge it
-    shrinks to (roughly) the Wilson interval; a judge validated on few items widens it."""
+    """Rogan–Gladen estimate of k/n judge positives, with an interval carrying the judge's own uncertainty (in
+    validation it caught se_k of se_n true positives, cleared sp_k of sp_n true negatives): a delta method
+    adjusted after Lang & Reiczigel (2014) (z²/2 successes and failures added to the test count, one of each
+    to the validation counts), Var(p̂) = [Var(p_obs) + p̂²·Var(Se) + (1 − p̂)²·Var(Sp)] / (Se + Sp − 1)²."""
     if n == 0:
         return math.nan, 0.0, 1.0
     point = rogan_gladen(k / n, se_k / se_n, sp_k / sp_n)
-    n_a = n + z * z
+    n_a, se_a, sp_a = n + z * z, (se_k + 1) / (se_n + 2), (sp_k + 1) / (sp_n + 2)
     p_a = (k + z * z / 2) / n_a
-    se_a, sp_a = (se_k + 1) / (se_n + 2), (sp_k + 1) / (sp_n + 2)
     youden = se_a + sp_a - 1
     if youden <= 0:
         raise ValueError("judge no better than chance after adjustment: validate it on more items")

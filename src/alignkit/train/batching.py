@@ -1,6 +1,5 @@
-"""Batches as pure functions of (seed, epoch) or (seed, step): padding, the eval split, length-grouped
-batch order, each process's share of a global batch, and PPO's prompt order. Resume and N processes
-give the same batches as one uninterrupted run because nothing here depends on state."""
+"""Batches as pure functions of (seed, epoch) or (seed, step), so that resume and N processes give the same
+batches as one uninterrupted run: padding, eval split, length-grouped order, process shares, PPO prompts."""
 
 from __future__ import annotations
 
@@ -29,16 +28,13 @@ def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]
 
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool):
-    """Global batches (lists of indices) for one epoch, a pure function of (seed, epoch). With
-    group_by_length, a shuffled stream is cut into windows of 64 batches, each window is sorted by
-    length and cut into batches, and the batches are shuffled: little padding, still random."""
+    """Global batches (lists of indices) for one epoch, pure in (seed, epoch). group_by_length sorts windows
+    of 64 batches of a shuffled stream by length, then shuffles the batches: little padding, still random."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     perm = torch.randperm(len(lengths), generator=g).tolist()
     if group_by_length:
-        win = batch_size * 64
-        perm = [
-            i for s in range(0, len(perm), win) for i in sorted(perm[s : s + win], key=lambda j: -lengths[j])
-        ]
+        win, longest_first = batch_size * 64, lambda j: -lengths[j]
+        perm = [i for s in range(0, len(perm), win) for i in sorted(perm[s : s + win], key=longest_first)]
     batches = [perm[s : s + batch_size] for s in range(0, len(perm), batch_size)]
     batches = [b for b in batches if len(b) == batch_size] or batches[:1]
     if group_by_length:
@@ -54,8 +50,7 @@ def process_share(batch: list[int], rank: int, world: int, grad_accum: int = 1) 
 
 
 def prompt_order(n: int, batch: int, seed: int, step: int) -> list[int]:
-    """The prompts of PPO step `step`: a fresh permutation each pass over the data, a pure function of
-    (seed, step)."""
+    """The prompts of PPO step `step`: a fresh permutation each pass over the data; pure in (seed, step)."""
     per_pass = max(1, n // batch)
     epoch, off = divmod(step, per_pass)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()

@@ -1,10 +1,7 @@
-"""The training machinery every job shares: run settings, accelerator, optimiser and schedule, the step
-loop with exact gradient accumulation, evaluation, metrics, checkpoints, exact resume, and the whole
-model gathered back from the processes at the end.
-
-Batches are a pure function of (seed, epoch), losses are sums normalised by the count of the whole
-global batch, and RNG, optimiser and scheduler state go through `accelerator.save_state`. Together that
-makes accumulation equal one big batch, N processes equal one, and resume equal an uninterrupted run."""
+"""The training machinery every job shares: run settings, accelerator, optimiser, the step loop, evaluation,
+metrics, checkpoints, resume and gathering the model. Batches are a pure function of (seed, epoch), losses
+are sums normalised by the whole global batch's count, and RNG, optimiser and scheduler state go through
+`accelerator.save_state`: accumulation equals one big batch, N processes one, resume an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -43,8 +40,7 @@ class RunSettings:
     seed: int = 0
     """Seed of everything random: data or prompt order, initialisation, sampling, the eval split."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """bf16 autocast or fp32. auto: bf16 on a GPU or a CPU with native bf16 (AVX-512 BF16/AMX), else
-    fp32 (the environment variable ALIGNKIT_PRECISION=fp32|bf16 overrides auto)."""
+    """bf16 autocast or fp32; auto: bf16 on GPUs and CPUs with native bf16 (ALIGNKIT_PRECISION overrides)."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0 disables)."""
     save_every: int = 0
@@ -101,7 +97,6 @@ class TrainSettings:
             raise ValueError("warmup_ratio and eval_fraction must be in [0, 1)")
 
 
-# ---------------------------------------------------------------- the job around the loop
 def make_accelerator(
     run: RunSettings,
     output_dir: Path,
@@ -109,20 +104,17 @@ def make_accelerator(
     grad_accum: int = 1,
     batch_key: str = "train.batch_size",
 ) -> Accelerator:
-    """The accelerator of a job whose optimiser step takes `batch_size` examples over all processes (the
-    config key `batch_key`, named in errors)."""
+    """The accelerator of a job whose step takes `batch_size` (config key `batch_key`) over all processes."""
     mixed = "bf16" if use_bf16(run.precision) else "no"
     if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
-        # one process may run jobs of different precisions one after another (a pipeline of stages, the
-        # tests); accelerate keeps one state per process and refuses a change, so the last job's state
-        # is cleared first (the process group stays)
+        # one process may run jobs of different precisions in turn (pipeline stages, tests); accelerate
+        # refuses a change of its one state per process, so the last job's is cleared (the group stays)
         AcceleratorState._reset_state()
     acc = Accelerator(
         mixed_precision=mixed,
         log_with=None if run.tracker == "none" else run.tracker,
         project_dir=str(output_dir),
-        # without a GPU, processes started by torchrun / `accelerate launch --multi_gpu` join over gloo
-        cpu=not torch.accelerator.is_available(),
+        cpu=not torch.accelerator.is_available(),  # no GPU: torchrun/accelerate launch processes use gloo
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and acc.num_processes == 1:  # each would train alone and overwrite the others' output
@@ -143,15 +135,13 @@ def make_accelerator(
 def start_job(
     cfg: Any, run: RunSettings, output_dir: Path, name: str, batch_size: int, grad_accum: int = 1, save=True
 ):
-    """make_accelerator, then record_job."""
     acc = make_accelerator(run, output_dir, batch_size, grad_accum)
     record_job(acc, cfg, run, output_dir, name, save)
     return acc
 
 
 def record_job(acc, cfg: Any, run: RunSettings, output_dir: Path, name: str, save: bool = True) -> None:
-    """Job `name`'s resolved config into output_dir/job_config.yaml (unless `save` is false), and its
-    tracker started when one is asked for."""
+    """Job `name`'s resolved config into output_dir/job_config.yaml (if `save`), and its tracker started."""
     if acc.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if save:
@@ -166,8 +156,7 @@ def make_optimizer(model, settings: TrainSettings, total_steps: int, fused: bool
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
     name = "constant_with_warmup" if settings.lr_scheduler == "constant" else settings.lr_scheduler
     warmup = int(settings.warmup_ratio * total_steps)
-    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
-    return opt, sched
+    return opt, get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 class MetricsLog:
@@ -212,8 +201,7 @@ def save_checkpoint(acc, output_dir: Path, step: int, keep: int) -> None:
 
 
 def open_run(acc, output_dir: Path, resume: bool) -> tuple[int, MetricsLog]:
-    """The step to start at (the newest checkpoint's, restored, when resuming; else 0) and the metrics
-    log, cut back to that step (or emptied for a fresh run)."""
+    """The step to start at (the newest checkpoint's, restored, on resume; else 0) and the metrics log."""
     start = 0
     if resume and (ck := latest_checkpoint(output_dir)) is not None:
         acc.load_state(str(ck))
@@ -225,32 +213,18 @@ def open_run(acc, output_dir: Path, resume: bool) -> tuple[int, MetricsLog]:
 
 
 def end_job(acc) -> None:
-    """Once every process is done: drop accelerate's references to the prepared model and optimiser, then
-    finish the trackers and leave the process group. A DDP reducer freed only after its gloo group was
-    destroyed can deadlock (gloo's threads wait for the GIL that the freeing thread holds)."""
+    """Free accelerate's objects, then end trackers and group (a DDP reducer freed after it can deadlock)."""
     acc.wait_for_everyone()
     acc.free_memory()
     gc.collect()
     acc.end_training()
 
 
-# ---------------------------------------------------------------- gathering the model
-def is_sharded(acc) -> bool:
-    """Whether each process holds only a slice of the weights (DeepSpeed ZeRO-3, FSDP)."""
-    if acc.distributed_type == DistributedType.FSDP:
-        return True
-    return (
-        acc.distributed_type == DistributedType.DEEPSPEED
-        and acc.deepspeed_config["zero_optimization"]["stage"] == 3
-    )
-
-
 def final_model(acc, model, build):
-    """The trained model, whole and unwrapped, on the main process (None elsewhere).
-
-    Every process must call this: under ZeRO-3 or FSDP the full state dict is gathered from the shards
-    (`accelerator.get_state_dict`, a collective) and loaded into a fresh unsharded copy from `build()`."""
-    if not is_sharded(acc):
+    """The whole, unwrapped model on the main process (None elsewhere); a collective under ZeRO-3 or FSDP."""
+    kind = acc.distributed_type
+    zero3 = kind == DistributedType.DEEPSPEED and acc.deepspeed_config["zero_optimization"]["stage"] == 3
+    if kind != DistributedType.FSDP and not zero3:  # each process holds all the weights
         return acc.unwrap_model(model) if acc.is_main_process else None
     state = acc.get_state_dict(acc._models[-1])  # the prepared model: DeepSpeed engine or FSDP module
     return load_full_state(build(), state) if acc.is_main_process else None
@@ -269,13 +243,9 @@ def load_full_state(model, state: dict):
     return model
 
 
-# ---------------------------------------------------------------- the loop
 @dataclass
 class Task:
-    """What a job plugs into `train`: its rows, how to batch them and how to compute a loss.
-
-    `loss_sum(model, rows)` returns (summed loss, metric sums) for a micro-batch; `count(rows)` gives the
-    normaliser (tokens for SFT, pairs for RM), so the step loss is Σ loss / Σ count over the global batch."""
+    """What `train` runs: `loss_sum(model, rows)` → (Σ loss, metric sums), the step loss Σ loss / Σ count."""
 
     train_rows: list[dict]
     eval_rows: list[dict]
@@ -323,9 +293,7 @@ def evaluate(model, task: Task, acc, batch_size: int) -> dict[str, float]:
 
 
 def step_batch(model, task: Task, batch: list[int], settings: TrainSettings, acc) -> tuple[dict, int]:
-    """Steps 2–3 of `train` for one global batch: this process's micro-batches, each loss summed and
-    normalised by the global count (exact accumulation and N processes), backward without sync until the
-    last; then the step's metrics over all processes and the tokens this process read."""
+    """Steps 2–3 of `train`: micro-batch losses normalised by the global count → (metrics, tokens read)."""
     norm = task.count([task.train_rows[i] for i in batch]) / acc.num_processes
     micro = process_share(batch, acc.process_index, acc.num_processes, settings.grad_accum)
     loss_total, metric_sums, tokens = 0.0, {}, 0
@@ -357,10 +325,7 @@ def global_batch(task: Task, settings: TrainSettings, step: int, cache: dict) ->
 
 
 def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc) -> dict:
-    """The optimisation loop → the untrained baseline (before/...) and the last train and eval metrics.
-
-    Steps: 1. global batch from the (seed, epoch) order; 2. this process's micro-batches (step_batch);
-    3. clip, step, schedule; 4. log, evaluate, checkpoint."""
+    """The optimisation loop (steps below) → the untrained baseline (before/...) and the last metrics."""
     run, steps = settings.run, total_steps(len(task.train_rows), settings)
     sharded = acc.is_fsdp2 or acc.distributed_type.name in ("FSDP", "DEEPSPEED")
     opt, sched = make_optimizer(model, settings, steps, fused=not sharded)
@@ -386,8 +351,7 @@ def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc) -> 
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.update(1)
-        # 4. log, evaluate, checkpoint
-        done = step + 1
+        done = step + 1  # 4. log, evaluate, checkpoint
         if not math.isfinite(last["train/loss"]):
             raise FloatingPointError(
                 f"loss is {last['train/loss']} at step {done}; last good checkpoint kept"
@@ -409,11 +373,8 @@ def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc) -> 
     return {**baseline, **last}
 
 
-# ---------------------------------------------------------------- the skeleton of a supervised job
 def train_eval_rows(data: str, eval_data: str | None, encode: Callable, settings: TrainSettings):
-    """(train rows, eval rows, data report): `encode(source)` → (rows, TruncationReport) reads and
-    tokenises a source (raising DataError before anything is written); without eval_data a seeded
-    eval_fraction of the rows is held out."""
+    """(train rows, eval rows, report) via `encode(source)`; no eval_data: a seeded eval_fraction held out."""
     rows, rep = encode(data)
     if eval_data:
         eval_rows, erep = encode(eval_data)
@@ -424,8 +385,7 @@ def train_eval_rows(data: str, eval_data: str | None, encode: Callable, settings
 
 
 def fit_model(acc, build: Callable[[bool], Any], task: Task, settings: TrainSettings, output_dir: Path):
-    """Build the model (`build(gradient_checkpointing)`), train it, and gather it whole: → (metrics, the
-    trained model on the main process, None elsewhere). Every process must call this."""
+    """`build(gradient_checkpointing)`, train and gather the model (see final_model) → (metrics, model)."""
     model = build(settings.gradient_checkpointing)
     trainable, total = count_parameters(model)
     acc.print(

@@ -10,28 +10,24 @@ IGNORE = -100
 
 
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
-    """log p(label_t | x_<t) for next-token prediction. logits (B, T, V), labels (B, T) → (B, T-1);
-    positions whose label is IGNORE get 0."""
+    """log p(label_t | x_<t): logits (B, T, V), labels (B, T) → (B, T-1), 0 where the label is IGNORE."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     lp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return lp * (labels != IGNORE)
 
 
 def sft_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross-entropy over completion tokens, and the token count. A sum, so that the
-    caller can normalise by the token count of the whole (global, accumulated) batch: that makes gradient
-    accumulation and data parallelism exact. logits (B, T, V), labels (B, T), IGNORE outside completions."""
+    """Summed next-token cross-entropy over completion tokens, and the token count: normalised by the whole
+    (global, accumulated) batch's count, that makes gradient accumulation and data parallelism exact."""
     logits, labels = logits[:, :-1], labels[:, 1:]
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
+    flat = logits.reshape(-1, logits.size(-1)).float()
+    loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
     return loss, (labels != IGNORE).sum()
 
 
 def target_positions(labels: Tensor) -> Tensor:
-    """Positions whose next token is a target: keep[:, t] = labels[:, t+1] ≠ IGNORE. (B, T) → (B, T) bool.
-    Passed as `logits_to_keep`, it makes the model project only these hidden states onto the vocabulary,
-    which skips the LM head (a fifth of SmolLM2-135M's FLOPs) on prompt and padding positions."""
+    """Positions whose next token is a target, keep[:, t] = labels[:, t+1] ≠ IGNORE, (B, T) → (B, T) bool.
+    As `logits_to_keep`, skips the LM head (a fifth of SmolLM2-135M's FLOPs) on prompt and padding tokens."""
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
     return keep
@@ -50,8 +46,7 @@ def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | None = None
 
 
 def soft_pairwise_loss(chosen: Tensor, rejected: Tensor, label: Tensor) -> Tensor:
-    """Cross-entropy against a soft preference y = P(chosen ≻ rejected), per pair:
-    −[y·log σ(r_c − r_r) + (1 − y)·log σ(r_r − r_c)]. With y = 1 it equals `pairwise_loss`
-    (RLAIF, Bai et al. 2022 "Constitutional AI", §4.1 trains on soft AI labels). Shapes: (B,) → (B,)."""
+    """Cross-entropy per pair against a soft label y = P(chosen ≻ rejected), (B,) → (B,): −[y·log σ(r_c − r_r)
+    + (1 − y)·log σ(r_r − r_c)] (RLAIF, Bai et al. 2022 "Constitutional AI", §4.1); y = 1: `pairwise_loss`."""
     diff = chosen - rejected
     return -(label * F.logsigmoid(diff) + (1 - label) * F.logsigmoid(-diff))

@@ -1,11 +1,7 @@
 """`alignkit ppo`: PPO against a reward model, ensemble or priority pair, with a per-token KL penalty to the
-reference policy (Ziegler et al. 2019, arXiv:1909.08593; Ouyang et al. 2022, arXiv:2203.02155).
-
-Memory. The policy is a LoRA model and the reference is the same model with its adapters disabled, so only
-one copy of the weights sits in memory. `lora.enabled=false` fine-tunes every weight and keeps a frozen
-reference copy: two copies of the weights plus AdamW's two moments for every parameter. The value head
-(train.rollout) shares the policy's backbone; it starts from the reward model's score head when its shape
-fits (a single RM), else at zero."""
+reference policy (Ziegler et al. 2019, arXiv:1909.08593; Ouyang et al. 2022, arXiv:2203.02155). The
+reference is the LoRA policy with its adapters disabled: one copy of the weights (`lora.enabled=false` trains
+every weight and keeps a frozen copy); the value head shares the policy's backbone."""
 
 from __future__ import annotations
 
@@ -180,12 +176,9 @@ def load_prompts(cfg: PPOConfig, tok) -> tuple[list[Prompt], dict]:
     return out, {"data/prompts": len(out), "data/skipped_long": skipped}
 
 
-# ---------------------------------------------------------------- the PPO iteration
 @dataclass
 class Experience:
-    """What steps 2–4 make of a rollout: rewards, the policy's and reference's log-probs and values at
-    rollout time, advantages and returns (all on the CPU), and, when the update is fused with the
-    rollout-time pass, that pass's outputs with their graph."""
+    """Steps 2–4 of a rollout (on the CPU), and the fused rollout-time pass's outputs with their graph."""
 
     rewards: Tensor  # (B,) after the no-EOS penalty
     old_logprobs: Tensor  # (B, T)
@@ -198,12 +191,12 @@ class Experience:
 
 
 class Stepper:
-    """What one PPO iteration needs besides the batch; acc=None runs one plain process, ref=None makes the
-    policy with its adapters disabled the reference. Rollouts go through the HF generation backend."""
+    """PPO iterations; acc=None: one plain process; ref=None: the reference is the LoRA-disabled policy."""
 
     def __init__(self, model, optimizer, kl, tok, s: PPOSettings, acc=None, ref=None):
         self.model, self.opt, self.kl, self.s, self.acc, self.ref = model, optimizer, kl, s, acc, ref
         self.pad_id, self.max_grad_norm = tok.pad_token_id, 1.0
+        self.multi = acc is not None and acc.num_processes > 1
         self.fuse_single_update = True  # see step 3
         self.backend = HFBackend("", model_obj=self.unwrapped().policy, tok=tok)
 
@@ -214,32 +207,23 @@ class Stepper:
         return self.acc.autocast() if self.acc else contextlib.nullcontext()
 
     def mean(self, values: list[float]) -> list[float]:
-        """Means over processes (one all-reduce)."""
-        if not self.acc or self.acc.num_processes == 1:
+        if not self.multi:
             return values
         t = self.acc.reduce(torch.tensor(values, dtype=torch.float64, device=self.acc.device), "mean")
         return t.cpu().tolist()
 
     def anywhere(self, bad: bool) -> bool:
         """Whether any process has `bad` set, so that every process stops at the same point."""
-        if not self.acc or self.acc.num_processes == 1:
-            return bad
-        return bool(self.acc.reduce(torch.tensor([float(bad)], device=self.acc.device), "sum").item() > 0)
+        return self.mean([float(bad)])[0] > 0
 
     def gather(self, x: Tensor) -> Tensor:
-        if not self.acc or self.acc.num_processes == 1:
-            return x
-        return self.acc.gather(x.to(self.acc.device)).cpu()
+        return self.acc.gather(x.to(self.acc.device)).cpu() if self.multi else x
 
     def step(self, prompts: list[list[int]], reward_fn: Callable, seed: int = 0) -> dict[str, float]:
-        """One PPO iteration on this process's prompts; returns the step's statistics (over all processes).
-
-        `reward_fn(query, response, response_mask)` returns the sequence rewards (B,), or (rewards, extra
-        stats); `seed` seeds the rollout's sampling, so a resumed run samples what the uninterrupted one did."""
+        """One PPO iteration → stats over all processes; `reward_fn(query, response, mask)` → rewards (B,)."""
         times: dict[str, float] = {}
         t0 = time.perf_counter()
-        # 1. rollout: batched, KV-cached sampling from the current policy
-        ro = self.sample(prompts, seed)
+        ro = self.sample(prompts, seed)  # 1. rollout: batched, KV-cached sampling from the current policy
         t0 = lap(times, "generation", t0)
         # 2. score with the reward model; a response cut off before its EOS is penalised
         out = reward_fn(ro.query, ro.response, ro.response_mask)
@@ -248,22 +232,17 @@ class Stepper:
         if self.anywhere(not torch.isfinite(rewards).all()):
             raise FloatingPointError("the reward model returned a non-finite score")
         t0 = lap(times, "scoring", t0)
-        # 3.–4. log-probs, values, KL-penalised per-token rewards, GAE
-        exp = self.experience(ro, rewards)
+        exp = self.experience(ro, rewards)  # 3.–4. log-probs, values, KL-penalised per-token rewards, GAE
         t0 = lap(times, "reference", t0)
-        # 5. PPO epochs over minibatches
-        losses = self.update(ro, exp)
+        losses = self.update(ro, exp)  # 5. PPO epochs over minibatches
         lap(times, "training", t0)
-        # 6. statistics, and the KL coefficient for the next iteration
-        return self.statistics(ro, exp, losses, times, extra)
+        return self.statistics(ro, exp, losses, times, extra)  # 6. statistics, and β for the next step
 
     def sample(self, prompts: list[list[int]], seed: int) -> Rollout:
         self.unwrapped().eval()  # no dropout anywhere: the ratio π/π_old must be 1 before the first update
+        self.backend.batch_size, s = len(prompts), self.s
         with self.autocast():
-            self.backend.batch_size = len(prompts)
-            return rollout(
-                self.backend, prompts, self.pad_id, self.s.max_new_tokens, self.s.temperature, seed
-            )
+            return rollout(self.backend, prompts, self.pad_id, s.max_new_tokens, s.temperature, seed)
 
     def experience(self, ro: Rollout, rewards: Tensor) -> Experience:
         """Steps 3–4. With a single update per batch (one epoch, one minibatch) the policy's pass is the
@@ -291,8 +270,7 @@ class Stepper:
         return Experience(rewards, old_lp, old_v, ref_lp, ent, advantages, returns, fused)
 
     def update(self, ro: Rollout, exp: Experience) -> dict[str, list[float]]:
-        """Step 5: `epochs` passes over minibatches of the clipped surrogate plus the clipped value loss
-        (and the entropy bonus), each with gradient clipping; the NaN guard stops before a bad update."""
+        """Step 5: `epochs` of clipped surrogate + value loss (+ entropy) minibatch steps, NaN-guarded."""
         s, n, fused = self.s, len(ro.query), exp.fused
         sums = {k: [] for k in ("policy", "value", "clipfrac", "approx_kl", "grad_norm")}
         for _ in range(s.epochs):
@@ -301,11 +279,9 @@ class Stepper:
                 if fused is not None:
                     (logprobs, values, entropy), fused = fused, None
                 else:
+                    batch = (ro.query[i], ro.query_mask[i], ro.response[i], ro.response_mask[i])
                     with self.autocast():
-                        logprobs, values, entropy = self.model(
-                            ro.query[i], ro.query_mask[i], ro.response[i], ro.response_mask[i], s.temperature,
-                            s.entropy_coef > 0,
-                        )  # fmt: skip
+                        logprobs, values, entropy = self.model(*batch, s.temperature, s.entropy_coef > 0)
                 stored = (exp.old_logprobs, exp.advantages, exp.old_values, exp.returns, ro.response_mask)
                 old_lp, adv, old_v, ret, m = (x[i].to(logprobs.device) for x in stored)
                 pl, st = rl.ppo_policy_loss(logprobs, old_lp, adv, m, s.clip)
@@ -337,8 +313,7 @@ class Stepper:
     def statistics(
         self, ro: Rollout, exp: Experience, losses: dict, times: dict, extra: dict
     ) -> dict[str, float]:
-        """Step 6: the iteration's metrics (means over all processes; see the README's glossary), then β
-        from the KL over all processes."""
+        """Step 6: the metrics (means over all processes; the README's glossary), then β from their KL."""
         mask = ro.response_mask
         lengths, kl_seq = mask.sum(1), (exp.old_logprobs - exp.ref_logprobs).sum(1)
         all_rewards, all_lengths = self.gather(exp.rewards), self.gather(lengths)
@@ -357,25 +332,21 @@ class Stepper:
             **extra,
         }
         stats = dict(zip(local, self.mean(list(local.values())), strict=True))
-        beta = self.kl.beta
+        stats["kl/coef"] = self.kl.beta  # the β this step used; update() sets the next one
         self.kl.update(stats["kl/ref"], len(all_rewards))
-        stats["kl/coef"] = beta
         stats["reward/length_corr"] = rl.pearson(all_rewards, all_lengths.float())
         stats["perf/samples_per_s"] = len(all_rewards) / max(sum(times.values()), 1e-9)
         return stats
 
 
 def lap(times: dict[str, float], phase: str, t0: float) -> float:
-    """Record the seconds since t0 as `phase`; → now."""
     now = time.perf_counter()
     times[phase] = now - t0
     return now
 
 
-# ---------------------------------------------------------------- rewards and probes
 def reward_fn(reward: Reward, tok, messages: list[Messages]) -> Callable:
-    """Decode the responses and score them with the reward folder; each part's mean (ensemble members,
-    or helpful and harmless) and the ensemble's spread go into the step's stats."""
+    """Score the decoded responses; each part's mean and the ensemble's spread go into the step's stats."""
 
     def rewards_of(query, response, response_mask):
         texts = [
@@ -392,8 +363,7 @@ def reward_fn(reward: Reward, tok, messages: list[Messages]) -> Callable:
 
 
 class ProbeEval:
-    """Greedy answers to a few harmful and benign probes (measure.probe.probe_metrics), judged by the
-    shipped refusal and output-harm classifiers; the answers of step N go to probes/step-N.jsonl."""
+    """Greedy answers to a few probes, judged by shipped classifiers; step N's go to probes/step-N.jsonl."""
 
     def __init__(self, s: ProbeEvalSettings, folder: Path):
         self.s, self.folder = s, folder
@@ -409,7 +379,6 @@ class ProbeEval:
         return probe_metrics(backend, self.probes, sampling, path, self.refusal, self.harm)
 
 
-# ---------------------------------------------------------------- the job
 def build_model(cfg: PPOConfig, reward: Reward, acc):
     """The policy (LoRA, or full with a frozen reference copy) and its value head: → (model, reference)."""
     policy = load_causal_lm(cfg.model)
@@ -423,15 +392,13 @@ def build_model(cfg: PPOConfig, reward: Reward, acc):
 
 
 def setup(cfg: PPOConfig):
-    """Everything a run needs, bad input refused before anything is written: → (tokenizer, prompts, data
-    report, probe evaluation or None, reward, accelerator)."""
+    """Everything a run needs, bad input refused before anything is written."""
     if not Path(cfg.reward).is_dir():
         raise DataError(cfg.reward, None, "reward", "not a reward folder (from `alignkit rm train`)")
     out = Path(cfg.output_dir)
     tok = load_tokenizer(cfg.model)
     prompts, report = load_prompts(cfg, tok)
-    # a bad pack fails here too
-    probe_eval = ProbeEval(cfg.probe, out / "probes") if cfg.probe.every else None
+    probe_eval = ProbeEval(cfg.probe, out / "probes") if cfg.probe.every else None  # a bad pack fails here
     acc = make_accelerator(cfg.run, out, cfg.batch_size, batch_key="batch_size")
     # DeepSpeed and FSDP shard the weights that generation needs; that path is not built (nor tested)
     if acc.distributed_type.name in ("DEEPSPEED", "FSDP"):
@@ -488,8 +455,7 @@ def run(cfg: PPOConfig) -> dict:
 
 
 def ppo_step(cfg: PPOConfig, stepper: Stepper, prompts: list[Prompt], reward: Reward, tok, acc, step: int):
-    """Iteration `step` on this process's share of the step's prompts; a divergence names the last good
-    checkpoint."""
+    """Iteration `step` on this process's share of the prompts; a divergence names the last checkpoint."""
     order = prompt_order(len(prompts), cfg.batch_size, cfg.run.seed, step)
     batch = [prompts[i] for i in order[acc.process_index :: acc.num_processes]]
     try:

@@ -1,19 +1,16 @@
 """Rewards from any reward folder alignkit writes, behind one protocol: ensembles (Coste et al. 2023,
-arXiv:2310.02743), the helpful/harmless priority rule, and `load_reward`.
-
-Folders:
+arXiv:2310.02743), the helpful/harmless priority rule, and `load_reward`. Folders:
   single RM     a plain HF sequence-classification model (num_labels=1)
   ensemble      ensemble.json + members/<k>/ (LoRA adapters on one base, or full models)
-  priority      priority.json naming reward folders in priority order (safety first, helpfulness last)
-                and a threshold per tier but the last ({tiers, thresholds}; or {helpful, harmless, threshold})
-"""
+  priority      priority.json: reward folders in priority order (safety first, helpfulness last) and a
+                threshold per tier but the last ({tiers, thresholds}; or {helpful, harmless, threshold})"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +27,8 @@ Aggregation = Literal["mean", "min", "uwo"]
 
 
 def aggregate(rewards: Tensor, method: Aggregation, uwo_lambda: float = 1.0) -> Tensor:
-    """Combine member rewards (K, B) → (B,).
-
-    mean: (1/K) Σ_k r_k.  min: worst case, min_k r_k (Coste et al. 2023, §3 "WCO").
-    uwo:  mean − λ·Var_k r_k, uncertainty-weighted optimisation (Coste et al. 2023, Eq. 3), with the
-          population variance (1/K) Σ (r_k − mean)².
-    """
+    """Member rewards (K, B) → (B,): mean; min, the worst case (Coste et al. 2023, §3 "WCO"); or uwo, mean −
+    λ·Var_k r_k (population variance), uncertainty-weighted optimisation (Coste et al. 2023, Eq. 3)."""
     if method == "mean":
         return rewards.mean(0)
     if method == "min":
@@ -46,29 +39,15 @@ def aggregate(rewards: Tensor, method: Aggregation, uwo_lambda: float = 1.0) -> 
 
 
 def priority_combine(helpful: Tensor, harmless: Tensor, threshold: float = 0.0) -> Tensor:
-    """Harmlessness gates helpfulness. With g = harmless − τ:
-
-        R = g               if g < 0   (judged harmful: helpfulness is ignored, R < 0)
-        R = softplus(helpful) if g ≥ 0   (judged harmless: R > 0, increasing in helpfulness)
-
-    So every harmless response outranks every harmful one, a harmful response cannot buy reward with
-    helpfulness, the less harmful of two harmful responses wins, and among harmless ones the more
-    helpful wins. Shapes: (B,) → (B,).
-    """
+    """Harmlessness gates helpfulness, g = harmless − τ: R = g if g < 0 (harmful), else softplus(helpful) > 0.
+    Every harmless response outranks every harmful one; helpfulness cannot buy back harm. (B,) → (B,)."""
     g = harmless - threshold
     return torch.where(g < 0, g, F.softplus(helpful))
 
 
 def tiered_combine(rewards: list[Tensor], thresholds: list[float]) -> Tensor:
-    """N tiers in priority order (r_1 first, e.g. safety > ethics > guidelines > helpfulness), each but
-    the last gating the rest, priority_combine applied from the bottom up:
-
-        R_N = r_N;   R_i = r_i − τ_i  if r_i < τ_i,  else softplus(R_{i+1})
-
-    So a response that passes tiers 1..i−1 and fails tier i outranks every response failing an earlier
-    tier (R > 0 against R < 0 at the first tier where they differ), no lower tier can buy back a failed
-    higher one, and among responses passing every gate the last tier decides. Two tiers: priority_combine.
-    """
+    """N tiers in priority order (e.g. safety > ethics > guidelines > helpfulness), bottom up: R_N = r_N,
+    R_i = r_i − τ_i if r_i < τ_i, else softplus(R_{i+1}); no lower tier can buy back a failed higher one."""
     if len(thresholds) != len(rewards) - 1:
         raise ValueError(f"{len(rewards)} tiers need {len(rewards) - 1} thresholds, got {len(thresholds)}")
     out = rewards[-1]
@@ -79,62 +58,40 @@ def tiered_combine(rewards: list[Tensor], thresholds: list[float]) -> Tensor:
 
 @dataclass
 class Rewards:
-    """What a reward folder says about B responses: the reward of each, the parts it combined (per
-    ensemble member `member_k`, or `helpful` and `harmless`) and, for an ensemble, the members' spread."""
+    """Rewards of B responses, their parts (`member_k`, or `helpful` and `harmless`), an ensemble's spread."""
 
     reward: list[float]
     parts: dict[str, list[float]] | None = None
     std: list[float] | None = None
 
 
-class Reward(Protocol):
-    """A reward folder, whatever its kind (single, ensemble, priority)."""
-
-    kind: str
-    tokenizer: object
-
-    def score_ids(self, seqs: list[list[int]]) -> Rewards:
-        """Rewards of templated token sequences."""
-        ...
-
-    def score(self, prompts: list, responses: list) -> Rewards:
-        """Rewards of (prompt, response) pairs, through the tokenizer's chat template."""
-        ...
-
-    def set_aggregation(self, method: Aggregation | None, uwo_lambda: float | None) -> None:
-        """Override how an ensemble combines its members (ConfigError for other kinds)."""
-        ...
-
-    def score_head(self) -> nn.Module | None:
-        """The linear score head of a single reward model (to start a value head from), else None."""
-        ...
-
-
-class RewardFolder:
-    """What every kind shares: scoring (prompt, response) pairs through the chat template, no ensemble
-    aggregation to override, and no score head to start a value head from."""
+class Reward:
+    """A reward folder, whatever its kind (single, ensemble, priority); what every kind shares."""
 
     kind = "folder"
     tokenizer: object
 
     def score_ids(self, seqs: list[list[int]]) -> Rewards:
+        """Rewards of templated token sequences."""
         raise NotImplementedError
 
     def score(self, prompts: list, responses: list) -> Rewards:
+        """Rewards of (prompt, response) pairs, through the tokenizer's chat template."""
         convs = [conversation(p, r) for p, r in zip(prompts, responses, strict=True)]
         return self.score_ids([template_ids(self.tokenizer, c) for c in convs])
 
     def set_aggregation(self, method: Aggregation | None, uwo_lambda: float | None) -> None:
+        """Override how an ensemble combines its members (ConfigError for other kinds)."""
         if method or uwo_lambda is not None:
-            raise ConfigError(
-                f"reward_aggregation and reward_uwo_lambda need an ensemble; this is {self.kind}"
-            )
+            msg = f"reward_aggregation and reward_uwo_lambda need an ensemble; this is {self.kind}"
+            raise ConfigError(msg)
 
     def score_head(self) -> nn.Module | None:
+        """The linear score head of a single reward model (to start a value head from), else None."""
         return None
 
 
-class SingleReward(RewardFolder):
+class SingleReward(Reward):
     """One reward model (or, in EnsembleReward, several), batched forward passes in length order."""
 
     kind = "single"
@@ -142,8 +99,7 @@ class SingleReward(RewardFolder):
     def __init__(self, models: list, tokenizer, bf16: bool, batch_size: int, k: int | None = None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.models = [m.to(self.device).eval() for m in models]
-        self.tokenizer, self.bf16, self.batch_size = tokenizer, bf16, batch_size
-        self.k = k or len(models)
+        self.tokenizer, self.bf16, self.batch_size, self.k = tokenizer, bf16, batch_size, k or len(models)
 
     def forward(self, ids: Tensor, mask: Tensor) -> list[Tensor]:
         """Each member's rewards of one batch: [(B,)] * K."""
@@ -172,8 +128,7 @@ class SingleReward(RewardFolder):
 
 
 class EnsembleReward(SingleReward):
-    """K members, combined by `aggregation`: LoRA adapters on one base (one forward per adapter) or full
-    models."""
+    """K members combined by `aggregation`: LoRA adapters on one base (a pass per adapter) or full models."""
 
     kind = "ensemble"
 
@@ -215,7 +170,7 @@ class EnsembleReward(SingleReward):
         return None
 
 
-class PriorityReward(RewardFolder):
+class PriorityReward(Reward):
     """Reward folders in priority order, each but the last gating the rest (`tiered_combine`)."""
 
     kind = "priority"

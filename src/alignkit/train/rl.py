@@ -22,9 +22,8 @@ def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
 def kl_rewards(
     logprobs: Tensor, ref_logprobs: Tensor, rewards: Tensor, response_mask: Tensor, beta: float
 ) -> Tensor:
-    """Per-token rewards r_t = −β·(log π(y_t) − log π_ref(y_t)), plus the sequence's reward on its last
-    real token (Ziegler et al. 2019, Eq. 2; InstructGPT, Ouyang et al. 2022, Eq. 2, spread over tokens).
-    logprobs, ref_logprobs, response_mask (B, T); rewards (B,) → (B, T), 0 on padding."""
+    """Per-token rewards r_t = −β·(log π(y_t) − log π_ref(y_t)), plus the reward (B,) on the last real token
+    (Ziegler et al. 2019, Eq. 2; InstructGPT, Ouyang et al. 2022, Eq. 2, spread over tokens) → (B, T)."""
     m = response_mask
     r = -beta * (logprobs - ref_logprobs) * m
     last = (m.sum(1).long() - 1).clamp(min=0)
@@ -34,9 +33,8 @@ def kl_rewards(
 def gae(
     rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
 ) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16):
-    δ_t = r_t + γ·V_{t+1} − V_t,  A_t = Σ_l (γλ)^l δ_{t+l},  with V = 0 after the last real token.
-    Returns (advantages, returns = A + V), both (B, T) and 0 on padding."""
+    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16): δ_t = r_t + γ·V_{t+1} − V_t,
+    A_t = Σ_l (γλ)^l δ_{t+l}, V = 0 after the last real token → (advantages, returns = A + V), 0 on pads."""
     m = response_mask.to(rewards.dtype)
     rewards, values = rewards * m, values * m
     advantages = torch.zeros_like(rewards)
@@ -44,18 +42,15 @@ def gae(
     for t in reversed(range(rewards.shape[1])):
         next_v = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
         delta = rewards[:, t] + gamma * next_v - values[:, t]
-        running = (delta + gamma * lam * running) * m[:, t]
-        advantages[:, t] = running
+        advantages[:, t] = running = (delta + gamma * lam * running) * m[:, t]
     return advantages, (advantages + values) * m
 
 
 def ppo_policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor, clip: float = 0.2
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate (Schulman et al. 2017, Eq. 7), negated for minimisation:
-    L = −E[min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)], ρ = π/π_old, averaged over real tokens.
-    Also the share of tokens where the clip was active, and approx KL(π_old‖π) = E[(ρ − 1) − log ρ]
-    (an unbiased, non-negative estimator)."""
+    """Clipped surrogate (Schulman et al. 2017, Eq. 7), negated: L = −E[min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)], ρ =
+    π/π_old; also the clipped share and approx KL(π_old‖π) = E[(ρ − 1) − log ρ] (unbiased, non-negative)."""
     m = response_mask
     log_ratio = (logprobs - old_logprobs) * m
     ratio = log_ratio.exp()
@@ -77,8 +72,7 @@ def value_loss(
 
 
 def token_entropy(logprobs: Tensor) -> Tensor:
-    """H(π(·|s_t)) = −Σ_v π(v) log π(v) per position, from log-probabilities (..., V) → (...); a token
-    with probability 0 (log-prob −inf) adds 0, not NaN."""
+    """H(π(·|s_t)) = −Σ_v π(v) log π(v) per position from log-probs (..., V); −inf ones add 0, not NaN."""
     return -(logprobs.exp() * logprobs.clamp(min=torch.finfo(logprobs.dtype).min)).sum(-1)
 
 

@@ -74,8 +74,7 @@ class RMConfig:
 
 
 def rm_loss(pad_id: int, soft: bool, use_margin: bool):
-    """The summed pairwise loss of a batch of pairs {chosen_ids, rejected_ids, label, margin}, with the
-    accuracy and margin sums: Bradley–Terry (margins optional), or cross-entropy on soft labels."""
+    """Summed Bradley–Terry (or soft-label cross-entropy) loss of a batch of pairs; accuracy, margin sums."""
 
     def loss_sum(model, batch):
         seqs = [r["chosen_ids"] for r in batch] + [r["rejected_ids"] for r in batch]
@@ -84,9 +83,8 @@ def rm_loss(pad_id: int, soft: bool, use_margin: bool):
         rewards = out.logits[:, 0].float()
         chosen, rejected = rewards[: len(batch)], rewards[len(batch) :]  # (B,), (B,)
         if soft:
-            losses = soft_pairwise_loss(
-                chosen, rejected, torch.tensor([r["label"] for r in batch], device=device)
-            )
+            labels = torch.tensor([r["label"] for r in batch], device=device)
+            losses = soft_pairwise_loss(chosen, rejected, labels)
         else:
             margin = torch.tensor([r["margin"] for r in batch], device=device) if use_margin else None
             losses = pairwise_loss(chosen, rejected, margin)
@@ -97,8 +95,7 @@ def rm_loss(pad_id: int, soft: bool, use_margin: bool):
 
 
 def build_task(cfg: RMConfig, tok) -> tuple[Task, dict, bool]:
-    """Read, validate and tokenise the pairs (raises DataError before anything is written); the last
-    value says whether the loss is on soft labels."""
+    """Read, validate and tokenise the pairs (DataError before any write), and whether the labels are soft."""
 
     def encode(src: str):
         return encode_pairs(parse_pairs(read_records(src), src), tok, cfg.max_length, src)
@@ -159,14 +156,10 @@ def train_ensemble(cfg: RMConfig, task: Task, tok, out: Path, is_main: bool) -> 
         acc.free_memory()  # the member's prepared model goes while the process group is alive
         results[name] = metrics
     if is_main:
-        spec = {
-            "members": [f"members/{n}" for n in names],
-            "kind": "lora" if cfg.lora.enabled else "full",
-            "base": resolve(cfg.model) if cfg.lora.enabled else None,
-            "pad_token_id": tok.pad_token_id,
-            "aggregation": cfg.ensemble.aggregation,
-            "uwo_lambda": cfg.ensemble.uwo_lambda,
-        }
+        lora = cfg.lora.enabled
+        spec = {"members": [f"members/{n}" for n in names], "kind": "lora" if lora else "full"}
+        spec |= {"base": resolve(cfg.model) if lora else None, "pad_token_id": tok.pad_token_id}
+        spec |= {"aggregation": cfg.ensemble.aggregation, "uwo_lambda": cfg.ensemble.uwo_lambda}
         tok.save_pretrained(out)
         write_atomic(out / "ensemble.json", json.dumps(spec, indent=2))
     return results
@@ -257,15 +250,10 @@ class CombineConfig:
 
 def combine(cfg: CombineConfig) -> dict:
     out = Path(cfg.output_dir)
-
-    def rel(p: str) -> str:
-        return os.path.relpath(Path(p).resolve(), out.resolve())
-
+    rel = lambda p: os.path.relpath(Path(p).resolve(), out.resolve())  # noqa: E731
     if cfg.tiers:
-        spec = {
-            "tiers": [rel(t) for t in cfg.tiers],
-            "thresholds": cfg.thresholds or [0.0] * (len(cfg.tiers) - 1),
-        }
+        thresholds = cfg.thresholds or [0.0] * (len(cfg.tiers) - 1)
+        spec = {"tiers": [rel(t) for t in cfg.tiers], "thresholds": thresholds}
     else:
         spec = {"helpful": rel(cfg.helpful), "harmless": rel(cfg.harmless), "threshold": cfg.threshold}
     write_atomic(out / "priority.json", json.dumps(spec, indent=2))

@@ -1,10 +1,6 @@
-"""The policy side of PPO: rollouts through a generation backend, the log-probabilities of the sampled
-responses, and the value head that shares the policy's backbone.
-
-Value model. A linear head on the policy's last hidden state, i.e. a backbone shared with the policy. It
-costs hidden+1 parameters and no extra forward pass: the log-probs and the values come from the same pass.
-The price is that the value loss also moves the policy's adapters (`ppo.vf_coef` weighs it). A separate
-value model would cost another copy of the backbone's activations and forward/backward passes every step."""
+"""The policy side of PPO: rollouts through a generation backend, the responses' log-probabilities, and the
+value model, a linear head on the policy's last hidden state: hidden+1 parameters and no extra pass, but the
+value loss also moves the policy's adapters (`ppo.vf_coef` weighs it); a separate one costs a backbone."""
 
 from __future__ import annotations
 
@@ -18,8 +14,7 @@ from .rl import token_entropy
 
 
 class Rollout(NamedTuple):
-    """Sampled responses as tensors. The masks are explicit: chat templates put EOS-like tokens (the pad
-    id) inside prompts."""
+    """Sampled responses as tensors; explicit masks, as chat templates put EOS-like pad ids in prompts."""
 
     query: Tensor  # (B, Q) left-padded prompt ids
     query_mask: Tensor  # (B, Q)
@@ -31,8 +26,7 @@ class Rollout(NamedTuple):
 def rollout(
     backend, prompts: list[list[int]], pad_id: int, max_new_tokens: int, temperature: float, seed: int
 ):
-    """Step 1 of the PPO loop: one sampled response per templated prompt from a generation backend
-    (batched, KV-cached, continuous batching), from its own generator seeded with `seed`."""
+    """Step 1 of the PPO loop: one response per templated prompt, sampled by `backend` seeded with `seed`."""
     sampling = Sampling(n=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     requests = [Request(str(i), [], p) for i, p in enumerate(prompts)]
     done = {c.key: c.ids[0] for c in backend.generate(requests, sampling)}
@@ -58,10 +52,8 @@ def response_logprobs(
     with_entropy: bool = False,
     temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """log π(y_t | x, y_<t) of each response token (π: the model's softmax at `temperature`, as sampled),
-    the last hidden state at the positions that predict them (for a value head), and optionally the
-    entropy of π there, from one forward pass that projects onto the vocabulary only those positions.
-    (B, T) each, hidden (B, T, H); 0 on padding."""
+    """log π(y_t | x, y_<t) of each response token (π at `temperature`, as sampled), the last hidden state
+    that predicts it (B, T, H) and optionally π's entropy, from one forward pass; (B, T), 0 on padding."""
     ids = torch.cat([query, response], 1).to(model.device)
     attn = torch.cat([query_mask.bool(), response_mask.bool()], 1).long().to(model.device)
     pos = (attn.cumsum(1) - 1).clamp(min=0)
@@ -89,8 +81,7 @@ class ValueHead(nn.Module):
 
     @classmethod
     def from_score_head(cls, score: nn.Module | None, hidden: int) -> ValueHead:
-        """A head starting from a reward model's score head (a Linear(hidden, 1)) when its shape matches,
-        else at zero."""
+        """A head starting from a reward model's score head (a Linear(hidden, 1)) if shapes fit, else 0."""
         head = cls(hidden)
         if isinstance(score, nn.Linear) and score.weight.shape == (1, hidden):
             with torch.no_grad():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..data import encode_sft, parse_sft, read_records
 from ..models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer, save_model
+from . import loop
 from .batching import attention_mask, pad
 from .loop import Task, TrainSettings, end_job, fit_model, start_job, train_eval_rows
 from .losses import IGNORE, selected_sft_loss_sum, sft_loss_sum, target_positions
@@ -86,3 +87,12 @@ def run(cfg: SFTConfig) -> dict:
         save_model(model, tok, out, cfg.lora)
     end_job(acc)
     return {**metrics, **report}
+
+
+def heldout_loss(model: str, data: str, max_length: int = 512, batch_size: int = 8) -> float:
+    """Mean NLL per completion token of `model` on `data` ({prompt, completion}), nothing trained."""
+    cfg = SFTConfig(data=data, eval_data=data, model=model, max_length=max_length)
+    tok = load_tokenizer(model)
+    task, _ = build_task(cfg, tok)
+    acc = loop.make_accelerator(loop.RunSettings(), Path(cfg.output_dir), batch_size)
+    return loop.evaluate(load_causal_lm(model).to(acc.device), task, acc, batch_size)["eval/loss"]
