@@ -165,7 +165,7 @@ def plan(c: RunConfig) -> dict[str, list[Any]]:
     jobs: dict[str, list[Any]] = {"data": [c.data], "baseline": probes("baseline", c.model, "base")}
     jobs["revise"] = [_job(cai_revise.ReviseConfig, "revise", rv, output_dir=str(r / "revise"), seed=c.seed,
                            prompts=str(d / "revise_prompts.jsonl"), helpful_data=str(d / "helpful_sft.jsonl"))]  # fmt: skip
-    jobs["sft"] = [_job(sft.SFTConfig, "sft", c.sft, data=str(r / "revise" / "sft.jsonl"), model=c.model,
+    jobs["sft"] = [_job(sft.SFTConfig, "sft", c.sft, data=str(r / "sft" / "train.jsonl"), model=c.model,
                         output_dir=str(r / "sft"), train={"seed": c.seed})]  # fmt: skip
     jobs["label"] = [_job(cai_label.LabelConfig, "label", lb, output_dir=str(r / "label"), seed=c.seed,
                           prompts=str(d / "label_prompts.jsonl"))]  # fmt: skip
@@ -236,6 +236,19 @@ def rm_stage(c: RunConfig, out: Path) -> dict:
             recs += [x for _, x in read_records(str(r / "data" / "helpful_pairs.jsonl"))]
         write_jsonl(out / f"{t}.jsonl", recs)
     return {Path(j.output_dir).name: (rm.run if isinstance(j, rm.RMConfig) else rm.combine)(j) for j in c.jobs["rm"]}  # fmt: skip
+
+
+def sft_stage(c: RunConfig, out: Path) -> dict:
+    """SFT on SL-CAI's set; when it kept no revision (a tiny or random model), on the helpfulness rows alone."""
+    src = Path(c.output_dir) / "revise" / "sft.jsonl"
+    if not src.stat().st_size:
+        print(
+            "alignkit run: SL-CAI kept no revision; the SFT stage trains on helpfulness data only",
+            file=sys.stderr,
+        )
+        src = Path(c.output_dir) / "data" / "helpful_sft.jsonl"
+    shutil.copyfile(src, out / "train.jsonl")
+    return run_jobs(c, "sft")
 
 
 def final_stage(c: RunConfig, out: Path) -> dict:
@@ -316,13 +329,11 @@ def summary_text(rows: list[dict], c: RunConfig, extra: dict) -> str:
     lines.append(f"- labeller: {extra['labeller']}")
     lines.append(f"- SL-CAI kept {extra['kept']} revisions of {extra['prompts']} red-team prompts")
     lines.append(f"Report: {Path(c.output_dir) / 'report' / 'report.html'} (and report.md next to it)")
-    hints = []
-    if not extra["gate"]:
-        hints.append("a feedback model that passes the labeller gate (label.feedback=openai:URL#MODEL)")
-    if rows[0]["verdict"] != "met":
-        hints.append(
-            "more SL-CAI data (data.revise_prompts, revise.rounds) or a stronger critic (revise.critic=...)"
-        )
+    hints = [h for h, why in (
+        ("a feedback model that passes the labeller gate (label.feedback=openai:URL#MODEL)", not extra["gate"]),
+        ("more SL-CAI data (data.revise_prompts, revise.rounds) or a stronger critic (revise.critic=...)",
+         rows[0]["verdict"] != "met"),
+    ) if why]  # fmt: skip
     if hints:
         lines.append("Next: try " + "; ".join(hints) + ".")
     return "\n".join(lines) + "\n"
@@ -371,7 +382,7 @@ def write_report(c: RunConfig, out: Path) -> dict:
         ("The labeller", f"<p>{report.escape(labeller)}.</p>{svg}"),
         ("Reward hacking monitors", monitors_html(r / "ppo" / "metrics.jsonl")),
         ("Answers before and after", examples_html(dirs)),
-        ("Stages", _esc_table(["stage", "seconds"], [[s, f"{_seconds(r, s):.0f}"] for s in STAGES[:-1]])),
+        ("Stages", _esc_table(["stage", "seconds"], [[s, f"{json.loads((r / s / 'done.json').read_text())['seconds']:.0f}"] for s in STAGES[:-1]])),
     ]  # fmt: skip
     rms = [j.output_dir for j in c.jobs["rm"] if isinstance(j, rm.RMConfig)]
     curves = report.load_curves([str(r / "sft"), *rms, str(r / "ppo")])
@@ -383,10 +394,6 @@ def write_report(c: RunConfig, out: Path) -> dict:
     write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=float))
     write_atomic(out / "summary.txt", text)
     return {"html": str(out / "report.html")}
-
-
-def _seconds(r: Path, stage: str) -> float:
-    return json.loads((r / stage / "done.json").read_text())["seconds"]
 
 
 def monitors_html(path: Path) -> str:
@@ -433,7 +440,7 @@ def examples_html(dirs: list[Path], n: int = 3) -> str:
     return _esc_table(["request", "model", "answer (first 400 characters)", "judged"], rows)
 
 
-RUNNERS = {"data": data_stage, "rm": rm_stage, "final": final_stage, "report": write_report}
+RUNNERS = {"data": data_stage, "sft": sft_stage, "rm": rm_stage, "final": final_stage, "report": write_report}
 
 
 # ---------------------------------------------------------------- the job
