@@ -63,7 +63,7 @@ class RunConfig:
 
     preset: str = "laptop"
     """Recipe: laptop (the embedded default, ~30 min on 2 CPU cores), smoke (a tiny model, ~1 min),
-    cluster (a larger model; accelerate launch, vLLM where installed), or a recipe YAML path."""
+    cluster (a larger model; vLLM where installed), or a recipe YAML path."""
     output_dir: str = "runs/run"
     """Run folder: one subfolder per stage (each with done.json), report/report.html, job_config.yaml."""
     model: str = "default"
