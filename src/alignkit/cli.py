@@ -9,13 +9,14 @@ line and field, or the key).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import sys
 from dataclasses import dataclass
 
-from .config import ConfigError, help_text, load
+from .config import ConfigError, help_text, load, output_lock, peak_rss_mb
 from .data import DataError
 from .gen.endpoint import EndpointError
 
@@ -110,13 +111,15 @@ def top_parser() -> argparse.ArgumentParser:
 def job_parser(job: Job) -> argparse.ArgumentParser:
     cls = job.config_class()
     usage = (
-        f"alignkit {job.name}{' RUN_DIR...' if job.positional else ''} [--config FILE.yaml] [key=value ...]"
+        f"alignkit {job.name}{' RUN_DIR...' if job.positional else ''} [--config FILE.yaml] "
+        "[key=value | --key value ...]"
     )
     p = argparse.ArgumentParser(
         prog=f"alignkit {job.name}",
         usage=usage,
         description=f"alignkit {job.name}: {job.summary}.",
-        epilog="keys (set in --config YAML or as key=value; nested as a.b=value):\n" + help_text(cls),
+        epilog="keys (set in --config YAML, as key=value or as --key value; nested as a.b=value):\n"
+        + help_text(cls),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML file of keys (overrides win over it)")
@@ -159,12 +162,28 @@ def find_job(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
+def flag_overrides(rest: list[str]) -> list[str]:
+    """`--a.b-c VALUE` and `--a.b-c=VALUE` as key=value (a.b_c=VALUE); a flag without a value means true.
+    An unknown key is refused by `load`, which lists the keys."""
+    out, i = [], 0
+    while i < len(rest):
+        x = rest[i]
+        if x.startswith("--") and len(x) > 2:
+            key, eq, value = x[2:].partition("=")
+            if not eq:
+                has = i + 1 < len(rest) and not rest[i + 1].startswith("--")
+                value, i = (rest[i + 1], i + 1) if has else ("true", i)
+            x = f"{key.replace('-', '_')}={value}"
+        elif x.startswith("-"):
+            raise ConfigError(f"unknown option {x!r}: give keys as key=value or --key value")
+        out.append(x)
+        i += 1
+    return out
+
+
 def overrides_of(job: Job, args: argparse.Namespace, rest: list[str]) -> list[str]:
     """key=value overrides from the bare arguments and the flags; bare run folders for a positional job."""
-    if bad := next((x for x in rest if x.startswith("-")), None):
-        raise ConfigError(
-            f"unknown option {bad!r}; options: --config{''.join(' ' + f.name for f in job.flags)}"
-        )
+    rest = flag_overrides(rest)
     overrides = [x for x in rest if "=" in x]
     bare = [x for x in rest if "=" not in x]
     if bare and not job.positional:
@@ -196,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     job = JOBS[name]
     try:
         cfg = resolve(job, rest)
-        result = getattr(importlib.import_module(f"alignkit.{job.module}"), job.entry)(cfg)
+        out = getattr(cfg, "output_dir", None) or getattr(cfg, "output", None)
+        rank0 = os.environ.get("RANK", "0") == "0"  # under accelerate launch, rank 0 holds the lock
+        with output_lock(out) if out and rank0 else contextlib.nullcontext():
+            result = getattr(importlib.import_module(f"alignkit.{job.module}"), job.entry)(cfg)
     except (ConfigError, DataError) as e:
         print(f"alignkit {name}: error: {e}", file=sys.stderr)
         return 2
@@ -206,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     # probe and run print their own readable summaries (their numbers are in files)
     if result and name not in ("probe", "run") and os.environ.get("RANK", "0") == "0":  # once per job
         print(json.dumps(result, indent=2, default=float))
+    print(f"alignkit {name}: peak memory {peak_rss_mb():,.0f} MB RSS", file=sys.stderr)
     return 0
 
 

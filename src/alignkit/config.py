@@ -7,7 +7,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import inspect
+import os
+import resource
+import sys
 import textwrap
 import types
 import typing
@@ -21,6 +26,43 @@ from .data import write_atomic
 
 class ConfigError(ValueError):
     """A bad configuration value, file or key. The message names where."""
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (ru_maxrss: KB on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def high_water_mb(reset: bool = False) -> float | None:
+    """Linux's resident high-water mark (VmHWM) in MB, first reset to the current RSS if `reset`; else None."""
+    with contextlib.suppress(OSError, StopIteration):
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(ln.split()[1]) for ln in status if ln.startswith("VmHWM")) / 1024
+    return None
+
+
+@contextlib.contextmanager
+def output_lock(path: str):
+    """Hold `path` (a job's output folder or file) for the job's life: an flock on a file under
+    $ALIGNKIT_CACHE/locks, so it dies with its process. Another holder: ConfigError naming its pid."""
+    home = Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit")) / "locks"
+    home.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
+    with open(home / f"{name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ConfigError(
+                f"{path} is in use by another alignkit job ({f.read() or 'a running process'}): "
+                "wait for it to end, or choose another output"
+            ) from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield  # closing the file releases the lock
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -68,6 +110,8 @@ def _nest_inline(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
     for name, tp in _inline_sections(cls).items():
         moved = {k: out.pop(k) for k in list(out) if k in _keys(tp)}
+        if moved and not isinstance(out.get(name) or {}, dict):
+            raise ConfigError(f"{name}: expected a mapping of {tp.__name__} fields, got {out[name]!r}")
         if moved:
             out[name] = {**(out.get(name) or {}), **moved}
     return out
@@ -191,7 +235,7 @@ def _parse_value(text: str) -> Any:
     """Parse an override's right-hand side as YAML scalar/list, keeping plain strings as strings."""
     try:
         value = yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
+    except Exception:  # YAMLError, and the constructors' own (`!!int x`, a bad date, deep nesting): a string
         return text
     # "title=a: b" is a string with a colon, not a mapping (sections are set with dots: a.b=value)
     return text if isinstance(value, dict) else value
@@ -206,8 +250,8 @@ def load(cls: type, config_file: str | Path | None = None, overrides: list[str] 
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except (yaml.YAMLError, OSError, ValueError, LookupError, AttributeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of keys")
         tree = loaded or {}
@@ -215,6 +259,8 @@ def load(cls: type, config_file: str | Path | None = None, overrides: list[str] 
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value")
         key, text = item.split("=", 1)
+        if "" in key.strip().split("."):
+            raise ConfigError(f"key '{key.strip()}' has an empty part (in {item!r})")
         _set_nested(tree, key.strip(), _parse_value(text))
     if hasattr(cls, "defaults_for"):  # a config whose defaults come from a file it names (a recipe)
         tree = cls.defaults_for(tree)

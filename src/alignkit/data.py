@@ -5,8 +5,8 @@ templating; plain Python, no torch. Schemas (values: strings or message lists): 
 from __future__ import annotations
 
 import json
-import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,8 +60,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(str(path), i, None, f"malformed JSON ({e.msg}, column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError; or a 4300+ digit number, or deep nesting
+            at = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else e
+            raise DataError(str(path), i, None, f"malformed JSON ({at})") from None
         if not isinstance(rec, dict):
             raise DataError(str(path), i, None, "each line must be a JSON object")
         n += 1
@@ -94,7 +95,7 @@ def write_atomic(path: str | Path, content: str | bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.write(content.encode("utf-8", "backslashreplace") if isinstance(content, str) else content)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; outputs are ordinary files
@@ -171,7 +172,7 @@ def parse_pairs(records: list[tuple[int, dict]], src: str) -> list[PairExample]:
         if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 1:
             raise DataError(src, line, "label", f"must be a number in [0, 1], got {label!r}")
         margin = rec.get("margin", 0.0)
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        if type(margin) not in (int, float) or not abs(margin) <= sys.float_info.max:  # a float holds it
             raise DataError(src, line, "margin", f"must be a number, got {margin!r}")
         out.append(PairExample(prompt, chosen, rejected, float(label), float(margin)))
     return out

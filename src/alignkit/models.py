@@ -1,8 +1,6 @@
 """Models: the embedded default, loading and saving causal LMs and reward models as plain HF folders,
 LoRA, and the precision a job runs in."""
 
-from __future__ import annotations
-
 import copy
 import importlib.util
 import json
@@ -20,6 +18,7 @@ from .config import ConfigError
 
 DEFAULT_MODEL = "default"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PRECISION_ENV = "ALIGNKIT_PRECISION"
 
 
 @dataclass
@@ -84,8 +83,7 @@ def prepare_default() -> Path:
 
 
 def prepare_tiny() -> Path:
-    """'tiny': a randomly initialised 2-layer Llama (seed 0) with the default model's tokenizer, for
-    smoke runs of whole pipelines; it generates noise, fast."""
+    """'tiny': a random 2-layer Llama (seed 0) with the default tokenizer, for fast smoke runs (noise out)."""
     out = cache_dir() / "tiny-llama-64"
     if not (out / "config.json").exists():
         tok = AutoTokenizer.from_pretrained(str(prepare_default()))
@@ -101,11 +99,9 @@ def prepare_tiny() -> Path:
 
 
 def resolve(name: str) -> str:
-    """Hub id or local folder → what `from_pretrained` takes; 'default' → the prepared embedded model,
-    'tiny' → a random tiny one."""
-    return (
-        str(prepare_default()) if name == DEFAULT_MODEL else str(prepare_tiny()) if name == "tiny" else name
-    )
+    """Hub id or local folder: as is; 'default' → the prepared embedded model, 'tiny' → a random tiny one."""
+    prepare = {DEFAULT_MODEL: prepare_default, "tiny": prepare_tiny}.get(name)
+    return str(prepare()) if prepare else name
 
 
 def load_tokenizer(name: str):
@@ -123,8 +119,7 @@ def load_causal_lm(name: str, gradient_checkpointing: bool = False):
 
 
 def load_reward_model(name: str, pad_token_id: int, gradient_checkpointing: bool = False):
-    """An LM backbone plus a scalar head: `AutoModelForSequenceClassification(num_labels=1)`. The head
-    reads the last non-pad token, so the config must carry the pad token id."""
+    """An LM backbone and a scalar head (num_labels=1) that reads the last non-pad token: needs the pad id."""
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve(name), num_labels=1, dtype=torch.float32
     )
@@ -138,21 +133,16 @@ def apply_lora(model, lora: LoraSettings, task_type: str, adapter_name: str = "d
     """Wrap `model` with LoRA adapters (or return it as is for a full fine-tune)."""
     if not lora.enabled:
         return model
-    targets = lora.target_modules
+    mods = lora.target_modules[0] if lora.target_modules == ["all-linear"] else lora.target_modules
     config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets[0] if targets == ["all-linear"] else targets,
-        task_type=task_type,
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=mods, task_type=task_type
     )
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def save_model(model, tokenizer, out: Path, lora: LoraSettings) -> None:
     """Write a plain HF folder: merged weights by default, the adapter alone on request."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config") and not lora.save_adapter_only:
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
@@ -173,13 +163,9 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-PRECISION_ENV = "ALIGNKIT_PRECISION"
-
-
 def use_bf16(precision: str) -> bool:
-    """Whether a job's `precision` means bf16. auto: bf16 on a GPU that has it and on a CPU with native
-    bf16, else fp32; the environment variable ALIGNKIT_PRECISION=fp32|bf16 decides `auto` instead (the
-    tests pin fp32 with it, and can force bf16)."""
+    """Whether a job's `precision` means bf16. auto: bf16 on a GPU that has it and on a CPU with native bf16,
+    else fp32, unless ALIGNKIT_PRECISION=fp32|bf16 decides (the tests pin fp32 with it, or force bf16)."""
     if precision == "auto":
         forced = os.environ.get(PRECISION_ENV, "")
         if forced not in ("", "fp32", "bf16"):

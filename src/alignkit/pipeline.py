@@ -1,12 +1,10 @@
-"""`alignkit run`: the whole alignment pipeline in one command, ending in one report.
-
-Stages, in order: data → baseline probes → SL-CAI revisions (`cai revise`) → SFT on them → RLAIF labels
-(`cai label`, gated by `cai check`) → one reward model per tier, combined by priority (`rm combine`) →
-PPO → final probes and held-out helpfulness NLL → report. Each stage writes into RUN/<stage>/ and ends
-with RUN/<stage>/done.json holding its key: a hash of its resolved job configs and of the key before it.
-A rerun skips a stage whose key matches; a changed key reruns that stage and every later one. A stage
-without done.json (killed, Ctrl-C) is cleared and run again, so a resumed run ends with the same numbers.
-A recipe (a preset, or a YAML file of the same sections) sets every stage's keys; `key=value` wins."""
+"""`alignkit run`: the whole alignment pipeline in one command. Stages: data → baseline probes → SL-CAI
+revisions (`cai revise`) → SFT on them → RLAIF labels (`cai label`, gated by `cai check`) → one reward model
+per tier, combined by priority (`rm combine`) → PPO → final probes and held-out helpfulness NLL → report. Each
+stage writes into RUN/<stage>/, ending with RUN/<stage>/done.json: its key, a hash of its resolved job configs
+and of the key before it. A rerun skips a stage whose key matches; a changed key reruns that stage and every
+later one. A stage without done.json (killed, Ctrl-C) is cleared and run again, so a resumed run ends with the
+same numbers. A recipe (a preset or a YAML file) sets every stage's keys; `key=value` wins."""
 
 from __future__ import annotations
 
@@ -27,7 +25,6 @@ import yaml
 from . import config as cfglib
 from .cai import label as cai_label
 from .cai import revise as cai_revise
-from .cai.revise import REDTEAM
 from .config import ConfigError
 from .data import read_records, write_atomic, write_jsonl
 from .measure import probe, report, stats
@@ -37,6 +34,9 @@ from .train import ppo, rm, sft
 
 RECIPES = Path(__file__).parent / "recipes"
 STAGES = ("data", "baseline", "revise", "sft", "label", "rm", "ppo", "final", "report")
+ENTRY = {"baseline": probe.run, "revise": cai_revise.run, "sft": sft.run, "label": cai_label.label, "ppo": ppo.run}  # fmt: skip
+MODELS = ("base", "sl-cai", "rl-cai")
+NOT_JAILBREAK = {"plain", "benign", "edgy", "sycophancy"}
 
 
 @dataclass
@@ -116,10 +116,8 @@ class RunConfig:
         return cfglib._deep_merge(base, tree)
 
 
-# ---------------------------------------------------------------- the plan: every stage's job configs
 def _job(cls: type, section: str, keys: dict, **fixed: Any) -> Any:
-    """Job config `cls` from the recipe's keys and the pipeline's wiring (paths, models, seed);
-    errors name the recipe key (`sft.train.lrr`)."""
+    """Job config `cls` from recipe keys and the pipeline's paths, models, seed; errors name the key."""
     if not isinstance(keys, dict):
         raise ConfigError(f"{section}: expected a mapping of `alignkit` job keys, got {keys!r}")
     if clash := sorted(set(_leaves(keys)) & set(_leaves(fixed))):
@@ -140,26 +138,19 @@ def plan(c: RunConfig) -> dict[str, list[Any]]:
     r = Path(c.output_dir)
     roles = {"base": c.model, "sl-cai": str(r / "sft")}
 
-    def role(section: dict, key: str, default: str) -> str:
-        return roles.get(v := str(section.get(key, default)), v)
+    def resolved(section: dict, default: str, *keys: str) -> dict:
+        return {**section, **{k: roles.get(v, v) for k in keys for v in [str(section.get(k, default))]}}
 
     def probes(stage: str, model: str, name: str) -> list[Any]:
-        common = {"model": model, "seed": c.seed, "label": name}
-        off = _job(probe.ProbeConfig, "probe", c.probe, output_dir=str(r / stage / name), **common)
-        on = {**common, "label": f"{name}+guard", "guard": c.guard}
+        kw, runs = {"model": model, "seed": c.seed}, {name: {}, f"{name}+guard": {"guard": c.guard}}
         return [
-            off,
-            _job(probe.ProbeConfig, "probe", c.probe, output_dir=str(r / stage / f"{name}+guard"), **on),
+            _job(probe.ProbeConfig, "probe", c.probe, output_dir=str(r / stage / n), **kw, label=n, **g)
+            for n, g in runs.items()
         ]
 
-    rv = {**c.revise, "policy": role(c.revise, "policy", "base"), "critic": role(c.revise, "critic", "base")}
-    lb = {
-        **c.label,
-        "policy": role(c.label, "policy", "sl-cai"),
-        "feedback": role(c.label, "feedback", "sl-cai"),
-    }
-    tiers = lb.get("tiers", [])
-    if bad := [t for t in c.rm_tiers if t != "helpfulness" and t not in tiers]:
+    rv = resolved(c.revise, "base", "policy", "critic")
+    lb = resolved(c.label, "sl-cai", "policy", "feedback")
+    if bad := [t for t in c.rm_tiers if t != "helpfulness" and t not in lb.get("tiers", [])]:
         raise ConfigError(f"rm_tiers: {bad[0]!r} has no labels (add it to label.tiers)")
     d = r / "data"
     jobs: dict[str, list[Any]] = {"data": [c.data], "baseline": probes("baseline", c.model, "base")}
@@ -194,13 +185,11 @@ def stage_keys(c: RunConfig) -> dict[str, str]:
     return keys
 
 
-# ---------------------------------------------------------------- stages
 def data_stage(c: RunConfig, out: Path) -> dict:
-    """The red-team and ShareGPT slices, disjoint from each other; red-team prompts that a probe pack
-    also holds are dropped first, so no stage trains on a probe."""
+    """Disjoint red-team and ShareGPT slices, minus red-team prompts a probe pack holds (never trained on)."""
     d, _norm = c.data, lambda text: " ".join(text.lower().split())  # noqa: E731
     probe_texts = {_norm(p.goal or str(p.prompt)) for p in load_packs(c.probe.get("packs", ["core"]))}
-    shipped = [r for _, r in read_records(str(REDTEAM))]
+    shipped = [r for _, r in read_records(str(cai_revise.REDTEAM))]
     rows = [r for r in shipped if _norm(r.get("prompt") or json.dumps(r.get("messages"))) not in probe_texts]
     a, b = d.revise_prompts, d.revise_prompts + d.label_prompts
     if (need := b + d.ppo_prompts // 2) > len(rows):
@@ -242,10 +231,8 @@ def sft_stage(c: RunConfig, out: Path) -> dict:
     """SFT on SL-CAI's set; when it kept no revision (a tiny or random model), on the helpfulness rows alone."""
     src = Path(c.output_dir) / "revise" / "sft.jsonl"
     if not src.stat().st_size:
-        print(
-            "alignkit run: SL-CAI kept no revision; the SFT stage trains on helpfulness data only",
-            file=sys.stderr,
-        )
+        msg = "alignkit run: SL-CAI kept no revision; the SFT stage trains on helpfulness data only"
+        print(msg, file=sys.stderr)
         src = Path(c.output_dir) / "data" / "helpful_sft.jsonl"
     shutil.copyfile(src, out / "train.jsonl")
     return run_jobs(c, "sft")
@@ -255,15 +242,11 @@ def final_stage(c: RunConfig, out: Path) -> dict:
     for job in c.jobs["final"]:
         probe.run(job)
     r = Path(c.output_dir)
-    held = str(r / "data" / "heldout.jsonl")
-    max_length = int(c.sft.get("max_length", 512))
+    held, max_length = str(r / "data" / "heldout.jsonl"), int(c.sft.get("max_length", 512))
     nll = {n: sft.heldout_loss(m, held, max_length) for n, m in (("base", c.model), ("sl-cai", str(r / "sft")),
                                                                   ("rl-cai", str(r / "ppo")))}  # fmt: skip
     write_atomic(out / "nll.json", json.dumps(nll, indent=2))
     return {"nll": nll}
-
-
-ENTRY = {"baseline": probe.run, "revise": cai_revise.run, "sft": sft.run, "label": cai_label.label, "ppo": ppo.run}  # fmt: skip
 
 
 def run_jobs(c: RunConfig, stage: str) -> dict:
@@ -271,18 +254,10 @@ def run_jobs(c: RunConfig, stage: str) -> dict:
     return {Path(j.output_dir).name: ENTRY[stage](j) for j in c.jobs[stage]}
 
 
-# ---------------------------------------------------------------- the report
-MODELS = ("base", "sl-cai", "rl-cai")
-NOT_JAILBREAK = {"plain", "benign", "edgy", "sycophancy"}
-
-
 def pooled(run: dict, families: list[str], metric: str) -> dict | None:
     """One rate over several families' counts (Wilson interval), None when none was probed."""
-    k = n = 0
-    for f in families:
-        if cell := run["families"].get(f, {}).get(metric):
-            k, n = k + cell["k"], n + cell["n"]
-    return stats.rate(k, n)
+    cells = [c for f in families if (c := run["families"].get(f, {}).get(metric))]
+    return stats.rate(sum(c["k"] for c in cells), sum(c["n"] for c in cells))
 
 
 def headline(runs: dict[str, dict], nll: dict) -> list[dict]:
@@ -318,14 +293,13 @@ def summary_text(rows: list[dict], c: RunConfig, extra: dict) -> str:
     """The plain-words ending: what changed, by how much, what to try next."""
     lines = ["", f"alignkit run ({c.preset}, model {c.model}): what changed, rates with 95% intervals"]
     for r in rows:
-        verdict = r["verdict"]
         if "nll" in r:
             vals = " → ".join(f"{m} {r['nll'][m]:.3f}" for m in MODELS)
-            lines.append(f"- {r['metric']}: {vals} ({r['rise']:+.1%}); target {r['target']}: {verdict}")
+            lines.append(f"- {r['metric']}: {vals} ({r['rise']:+.1%}); target {r['target']}: {r['verdict']}")
             continue
         vals = " → ".join(f"{m} {report.format_rate(r['cells'][m])}" for m in MODELS)
         lines.append(f"- {r['metric']}: {vals}; with the guard, RL-CAI {report.format_rate(r['cells']['rl-cai+guard'])}; "
-                     f"target {r['target']}: {verdict}")  # fmt: skip
+                     f"target {r['target']}: {r['verdict']}")  # fmt: skip
     lines.append(f"- labeller: {extra['labeller']}")
     lines.append(f"- SL-CAI kept {extra['kept']} revisions of {extra['prompts']} red-team prompts")
     lines.append(f"Report: {Path(c.output_dir) / 'report' / 'report.html'} (and report.md next to it)")
@@ -342,29 +316,24 @@ def summary_text(rows: list[dict], c: RunConfig, extra: dict) -> str:
 def _esc_table(head: list[str], rows: list[list[str]]) -> str:
     """A table of text cells that wrap (long answers, long metric names)."""
     wrap = "white-space:normal;max-width:420px"
-    return report._table(
-        head, [[report._el("td", report.escape(x), style=wrap) for x in row] for row in rows]
-    )
+    cells = [[report._el("td", report.escape(x), style=wrap) for x in row] for row in rows]
+    return report._table(head, cells)
 
 
 def write_report(c: RunConfig, out: Path) -> dict:
     r = Path(c.output_dir)
     dirs = [Path(j.output_dir) for j in c.jobs["baseline"] + c.jobs["final"]]
     runs = {d.name: report.load_summary(d) for d in dirs}
-    nll = json.loads((r / "final" / "nll.json").read_text())
-    rows = headline(runs, nll)
+    rows = headline(runs, json.loads((r / "final" / "nll.json").read_text()))
     labels = list(runs)
-    table = []
-    for row in rows:
-        if "nll" in row:
-            cells = [f"{row['nll'][m]:.3f}" if m in row["nll"] else "–" for m in labels]
-        else:
-            cells = [
-                report.format_rate(x) + (f" ({x['k']}/{x['n']})" if x else "") for x in row["cells"].values()
-            ]
-        table.append([row["metric"], *cells, row["target"], row["verdict"]])
-    check = json.loads((r / "label" / "check.json").read_text())
-    floor = c.jobs["label"][0].floor
+
+    def cells(h: dict) -> list[str]:
+        if "nll" in h:
+            return [f"{h['nll'][m]:.3f}" if m in h["nll"] else "–" for m in labels]
+        return [report.format_rate(x) + (f" ({x['k']}/{x['n']})" if x else "") for x in h["cells"].values()]
+
+    table = [[h["metric"], *cells(h), h["target"], h["verdict"]] for h in rows]
+    check, floor = json.loads((r / "label" / "check.json").read_text()), c.jobs["label"][0].floor
     acc = check["accuracy"]
     gate = acc[0] >= floor
     labeller = (f"{check['feedback']} right on {100 * acc[0]:.1f}% [{100 * acc[1]:.1f}, {100 * acc[2]:.1f}] of "
@@ -404,22 +373,13 @@ def monitors_html(path: Path) -> str:
             "response/ended": "share of answers ending before the token cap", "value/explained_var":
             "critic's explained variance", "reward/std": "ensemble spread (std)", "probe/harmful_answers":
             "in-training probe: harmful answers", "probe/refused_benign": "in-training probe: benign refused"}  # fmt: skip
-    rows = [
-        [name, f"{got[0]:.3f}", f"{got[-1]:.3f}"]
-        for k, name in keys.items()
-        if (got := [x[k] for x in recs if k in x])
-    ]
+    logged = {name: [x[k] for x in recs if k in x] for k, name in keys.items()}
+    rows = [[name, f"{got[0]:.3f}", f"{got[-1]:.3f}"] for name, got in logged.items() if got]
     pairs = [(x["reward/score"], x["response/ended"]) for x in recs if "response/ended" in x]
     score, ended = [p[0] for p in pairs], [p[1] for p in pairs]
     if len(set(ended)) > 1 and len(set(score)) > 1:
-        r = statistics.correlation(score, ended)
-        rows.append(
-            [
-                "correlation over steps of reward and share ended (no-EOS penalty at work when near 1)",
-                f"{r:.3f}",
-                "",
-            ]
-        )
+        name = "correlation over steps of reward and share ended (no-EOS penalty at work when near 1)"
+        rows.append([name, f"{statistics.correlation(score, ended):.3f}", ""])
     note = ("<p class=note>A reward that rises while the length falls (or the correlation of reward and length is "
             "far from 0), a KL above its target, or a critic whose explained variance stays below 0 are signs "
             "that PPO optimises the reward model's blind spots rather than the behaviour.</p>")  # fmt: skip
@@ -429,9 +389,8 @@ def monitors_html(path: Path) -> str:
 def examples_html(dirs: list[Path], n: int = 3) -> str:
     """The first n plain harmful probes, answered by each model (guard off)."""
     res = {d.name: [x for _, x in read_records(str(d / "results.jsonl"))] for d in dirs if "+" not in d.name}
-    first = [x for x in res["base"] if x["family"] == "plain"][:n]
     rows = []
-    for x in first:
+    for x in [x for x in res["base"] if x["family"] == "plain"][:n]:
         for name, recs in res.items():
             got = next(y for y in recs if y["id"] == x["id"])
             outcome = "complied" if got["outcome"][0] else "refused or harmless"
@@ -443,14 +402,12 @@ def examples_html(dirs: list[Path], n: int = 3) -> str:
 RUNNERS = {"data": data_stage, "sft": sft_stage, "rm": rm_stage, "final": final_stage, "report": write_report}
 
 
-# ---------------------------------------------------------------- the job
 def run(c: RunConfig) -> dict:
     root = Path(c.output_dir)
     keys = stage_keys(c)
     todo = [c.only] if c.only else list(STAGES)
-    if c.only:
-        if missing := [s for s in STAGES[: STAGES.index(c.only)] if not _done(root, s, keys[s])]:
-            raise ConfigError(f"only: stage {missing[0]!r} before {c.only!r} is not done (run without --only)")  # fmt: skip
+    if c.only and (missing := [s for s in STAGES[: STAGES.index(c.only)] if not _done(root, s, keys[s])]):
+        raise ConfigError(f"only: stage {missing[0]!r} before {c.only!r} is not done (run without --only)")  # fmt: skip
     forced = set(STAGES[STAGES.index(c.from_stage) :]) if c.from_stage else {c.only} if c.only else set()
     root.mkdir(parents=True, exist_ok=True)
     cfglib.save(c, root / "job_config.yaml")
@@ -470,16 +427,11 @@ def run(c: RunConfig) -> dict:
         try:
             result = RUNNERS[stage](c, out) if stage in RUNNERS else run_jobs(c, stage)
         except KeyboardInterrupt:
-            print(
-                f"\nalignkit run: stopped in stage {stage}; rerun the same command to go on", file=sys.stderr
-            )
+            msg = f"\nalignkit run: stopped in stage {stage}; rerun the same command to go on"
+            print(msg, file=sys.stderr)
             raise SystemExit(130) from None
-        done = {
-            "stage": stage,
-            "key": keys[stage],
-            "seconds": round(time.monotonic() - t0, 1),
-            "result": result,
-        }
+        seconds = round(time.monotonic() - t0, 1)
+        done = {"stage": stage, "key": keys[stage], "seconds": seconds, "result": result}
         write_atomic(out / "done.json", json.dumps(done, indent=2, default=float))
     print(f"\nalignkit run: finished in {_minutes(time.monotonic() - start)}")
     if (summary := root / "report" / "summary.txt").is_file():

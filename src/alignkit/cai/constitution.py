@@ -12,8 +12,7 @@ import yaml
 
 from ..data import DataError, read_yaml
 
-TIERS = ("safety", "ethics", "guidelines", "helpfulness")
-"""Highest priority first."""
+TIERS = ("safety", "ethics", "guidelines", "helpfulness")  # highest priority first
 TIER_WEIGHTS = (4.0, 2.0, 1.0, 2.0)
 """Default weights of the tiers when a principle is drawn: red-team answers mostly need the safety tier."""
 DEFAULT = Path(__file__).with_name("constitution.yaml")
@@ -115,8 +114,6 @@ def load_constitution(spec: str = "default") -> Constitution:
             if not all(isinstance(ex[k], str) and ex[k].strip() for k in EXAMPLE_FIELDS):
                 raise bad("examples", f"example {j}: every field must be a non-empty string")
         seen.add(name)
-        texts = {k: " ".join(item[k].split()) for k in TEXTS}
-        out.append(
-            Principle(name, item["tier"], **texts, hard=item.get("hard", False), examples=tuple(examples))
-        )
+        kw = {k: " ".join(item[k].split()) for k in TEXTS} | {"hard": item.get("hard", False)}
+        out.append(Principle(name, item["tier"], **kw, examples=tuple(examples)))
     return Constitution(tuple(out), tuple(rules), src)

@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 from .. import config as cfglib
 from ..config import ConfigError
 from ..data import DataError, Messages, as_messages, read_records, text_or_messages, write_atomic, write_jsonl
-from ..gen import Request, Sampling
+from ..gen import Sampling
 from ..gen.endpoint import EndpointBackend, EndpointError
 from ..gen.generate import GenerationKeys, done_ids, make_backend, read_prompts, run_generation
 from ..measure.report import Frame, nice_ticks
 from ..measure.stats import wilson
 from .constitution import TIER_WEIGHTS, TIERS, Constitution, Principle, check_weights, load_constitution
-from .revise import REDTEAM
+from .revise import REDTEAM, ask
 
 OPTIONS = ("(A)", "(B)")
 CHECK_SET = Path(__file__).with_name("check.jsonl")
@@ -97,9 +97,8 @@ class Feedback:
         if isinstance(self.backend, EndpointBackend):
             texts = self._each(lambda m: self.backend.endpoint.chat(m, s)[0].text, chats)
             return [None if t == "failed" else t for t in texts]
-        reqs = [Request(str(i), m) for i, m in enumerate(chats)]
-        got = {c.key: c.texts[0] for c in self.backend.generate(reqs, s)}
-        return [got[str(i)] for i in range(len(chats))]
+        got = ask(self.backend, {str(i): m for i, m in enumerate(chats)}, s)
+        return [got[str(i)][0] for i in range(len(chats))]
 
     def probs(self, chats: list[Messages]) -> list[tuple[list[float], float] | str]:
         if isinstance(self.backend, EndpointBackend):
@@ -370,8 +369,7 @@ def label(cfg: LabelConfig, feedback: Feedback | None = None, check_items: list[
     write_jsonl(out / "labels.jsonl", labels)
     for t in cfg.tiers:
         write_jsonl(out / f"labels.{t}.jsonl", [x for x in labels if x["tier"] == t])
-    report = {"labels": len(labels), "pairs": len(pairs), "feedback": fb.spec}
-    report["check_accuracy"] = gate["accuracy"]
+    report = dict(labels=len(labels), pairs=len(pairs), feedback=fb.spec, check_accuracy=gate["accuracy"])
     report |= {s: sum(t["status"] == s for t in trace) for s in ("abstained", "failed")}
     report["position_bias"] = sum(x["position_bias"] for x in labels) / max(len(labels), 1)
     report["labels_per_s"] = len(pending) / dt if pending else None

@@ -109,14 +109,14 @@ class ReviseConfig(GenerationKeys):
 
 
 def critic_chat(p: Principle, conv: Messages, answer: str) -> Messages:
-    """The critic's chat before its request: the principle's few-shot examples as earlier turns (through
-    the tokenizer's chat template like any turn), then the whole conversation and the answer."""
+    """The critic's chat: the principle's few-shot examples as earlier turns (through the tokenizer's chat
+    template like any turn), then the whole conversation, the answer and the critique request."""
     ask = (CRITIQUE + p.critique, revision_ask(p))
     turns = [(x["prompt"], x["response"], ask[0], x["critique"], ask[1], x["revision"]) for x in p.examples]
     shots = [{"role": ("user", "assistant")[i % 2], "content": t} for ts in turns for i, t in enumerate(ts)]
     system = [m for m in conv if m["role"] == "system"]
     rest = [m for m in conv if m["role"] != "system"]
-    return [*system, *shots, *rest, {"role": "assistant", "content": answer}]
+    return [*system, *shots, *rest, {"role": "assistant", "content": answer}, user(ask[0])]
 
 
 def revision_ask(p: Principle) -> str:
@@ -189,9 +189,7 @@ def revise_chunk(
     }
     for rnd in range(1, cfg.rounds + 1):
         pick = {k: const.sample(random.Random(f"{cfg.seed}:{k}:{rnd}"), weights) for k in convs}
-        crit = {
-            k: [*critic_chat(p, convs[k], current[k]), user(CRITIQUE + p.critique)] for k, p in pick.items()
-        }
+        crit = {k: critic_chat(p, convs[k], current[k]) for k, p in pick.items()}
         critiques = {k: v[0] for k, v in ask(critic, crit, cfg.sampling(1)).items()}
         rev = {
             k: [*c, {"role": "assistant", "content": critiques[k]}, user(revision_ask(pick[k]))]

@@ -52,8 +52,7 @@ def threshold_at_fpr(neg_scores: np.ndarray, fpr: float, pos_scores: np.ndarray 
     if len(neg) == 0:
         raise ValueError("no negatives to set a threshold on")
     k = min(int(math.floor(fpr * len(neg) + 1e-9)), len(neg) - 1)
-    pos = np.asarray(pos_scores if pos_scores is not None else [], float)
-    above = np.concatenate([neg, pos])
+    above = np.concatenate([neg, np.asarray(pos_scores if pos_scores is not None else [], float)])
     above = above[above > neg[k]]
     return float((neg[k] + above.min()) / 2) if len(above) else float(np.nextafter(neg[k], np.inf))
 

@@ -33,12 +33,9 @@ class Classifier:
     platt: tuple[float, float] = (1.0, 0.0)
     threshold: float = 0.5
     info: dict = field(default_factory=dict)
-
-    first: Classifier | None = None
-    """A cascade's first stage (n-grams only): it decides the records it scores outside `band`."""
+    first: Classifier | None = None  # a cascade's n-gram first stage: decides the records outside `band`
     band: tuple[float, float] = (0.0, 1.0)
-    counts: list[int] = field(default_factory=lambda: [0, 0])
-    """Records scored, and how many of them reached this (second) stage."""
+    counts: list[int] = field(default_factory=lambda: [0, 0])  # records scored, and those reaching stage 2
 
     def proba(self, x) -> np.ndarray:
         a, b = self.platt
@@ -99,13 +96,11 @@ class Classifier:
 
 def load(spec: str) -> Classifier:
     """A classifier folder, or `default:NAME` for one that ships with alignkit (detect/weights/NAME)."""
-    if spec.startswith("default:"):
-        path = SHIPPED_DIR / spec[8:]
-        if not path.is_dir():
-            known = sorted(p.name for p in SHIPPED_DIR.glob("*") if p.is_dir())
-            raise DataError(spec, None, None, f"no such default classifier (shipped: {', '.join(known)})")
-        return Classifier.load(path)
-    return Classifier.load(spec)
+    path = SHIPPED_DIR / spec[8:] if spec.startswith("default:") else Path(spec)
+    if spec.startswith("default:") and not path.is_dir():
+        known = sorted(p.name for p in SHIPPED_DIR.glob("*") if p.is_dir())
+        raise DataError(spec, None, None, f"no such default classifier (shipped: {', '.join(known)})")
+    return Classifier.load(path)
 
 
 @dataclass

@@ -34,6 +34,8 @@ REFUSAL_PATTERNS = [
     r"\b(?:illegal|unethical|harmful) and (?:i|cannot|can't|won't)",
 ]
 REFUSAL_RE = re.compile("|".join(f"(?:{p})" for p in REFUSAL_PATTERNS), re.IGNORECASE | re.DOTALL)
+Inputs = Literal["text", "prompt", "response", "prompt+response"]
+ENCODERS: dict[tuple[int, str], Encoder] = {}
 
 
 def refusal_phrase(responses: list[str]) -> list[float]:
@@ -49,8 +51,7 @@ def minilm_path() -> str:
 class Encoder:
     """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2 by default), memoised per text."""
 
-    memo_size = 50_000
-    """Texts whose embeddings are kept: a judge embeds a response for several heads and callers."""
+    memo_size = 50_000  # texts whose embeddings are kept: a judge embeds a response for several heads
 
     def __init__(
         self, path: str | None = None, max_length: int = 256, batch_size: int = 32, adapter: str = ""
@@ -96,9 +97,6 @@ def adapter_path(spec: str) -> str:
     return str(Path(__file__).parent / "weights" / spec[8:]) if spec.startswith("default:") else spec
 
 
-ENCODERS: dict[tuple[int, str], Encoder] = {}
-
-
 def shared_encoder(max_length: int, adapter: str = "") -> Encoder:
     """One MiniLM per token budget and adapter for the process: heads share its forward and its memo."""
     if (max_length, adapter) not in ENCODERS:
@@ -129,9 +127,6 @@ def clear_memos() -> None:
 def hashed(vec: HashingVectorizer, texts: list[str]) -> sp.csr_matrix:
     """vec.transform(texts); a single text is memoised, so the guard's checks hash a message once."""
     return _hashed_one(vec, texts[0]) if len(texts) == 1 else vec.transform(texts)
-
-
-Inputs = Literal["text", "prompt", "response", "prompt+response"]
 
 
 @dataclass
@@ -191,8 +186,7 @@ class Features:
         """The MiniLM embedding of each field (shared by every head) and the last field's refusal verdict."""
         blocks = []
         if self.minilm_tokens:
-            if self.encoder is None:
-                self.encoder = shared_encoder(self.minilm_tokens, self.minilm_adapter)
+            self.encoder = self.encoder or shared_encoder(self.minilm_tokens, self.minilm_adapter)
             for f in self.fields:
                 # cut first: tokenising a long text only to truncate it costs more than the model's forward
                 head = [str(r.get(f) or "")[: 8 * self.minilm_tokens] for r in records]

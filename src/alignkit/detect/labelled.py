@@ -1,12 +1,14 @@
 """Labelled data for the detectors: the judges' labelled responses (`load_labelled`) and the shipped sets in
 labels/; scripts/guard_data.py builds the guard classifiers' sets (from data alignkit does not depend on)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import DataError, read_records, read_yaml
+
+# shipped sets: responses written for the project; *_outputs: the default model's probe answers, hand-labelled
+SHIPPED_LABELLED = {"train": ["judge_train", "judge_train_outputs"], "dev_written": ["judge_dev"]}
+SHIPPED_LABELLED |= {"dev": ["judge_dev", "judge_dev_outputs"], "dev_outputs": ["judge_dev_outputs"]}
 
 
 def labels_path(name: str) -> Path:
@@ -21,12 +23,6 @@ class Labelled:
     refusal: int
     harmful: int
     harmful_request: bool  # the harm judge is asked only about responses to harmful requests
-
-
-# shipped labelled sets: responses written for the project, and the default model's real responses to
-# the shipped probes labelled by hand (labels/judge_*_outputs.yaml)
-SHIPPED_LABELLED = {"train": ["judge_train", "judge_train_outputs"], "dev_written": ["judge_dev"]}
-SHIPPED_LABELLED |= {"dev": ["judge_dev", "judge_dev_outputs"], "dev_outputs": ["judge_dev_outputs"]}
 
 
 def load_labelled(spec: str) -> list[Labelled]:

@@ -6,8 +6,7 @@ and `detector(spec)` loads it as a function (prompts, texts) → scores, with it
   llamaguard:MODEL|URL       a Llama Guard–style generative judge over the S1–S14 hazards
   judge:KIND-refusal|harm    a probe judge (regex, learned) as a detector"""
 
-from __future__ import annotations
-
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,18 +41,12 @@ class HFSequenceScorer:
         return (1 - p if self.negate else p).tolist()
 
 
-LOADED: dict[str, tuple[Detector, float]] = {}
-"""Detectors already loaded in this process, by spec and label: a pipeline names one several times."""
-
-
 def detector(spec: str, label: str | None = None) -> tuple[Detector, float]:
     """(detector, its own threshold) for a spec; `label` is hf:'s unsafe class or llamaguard:URL's model."""
-    key = f"{spec}|{label}"
-    if key not in LOADED:
-        LOADED[key] = load_detector(spec, label)
-    return LOADED[key]
+    return load_detector(spec, label)
 
 
+@functools.cache  # once a process, by spec and label: a pipeline names one detector several times
 def load_detector(spec: str, label: str | None) -> tuple[Detector, float]:
     if spec.startswith("hf:"):
         try:

@@ -1,8 +1,6 @@
 """Generation: what every job that samples from a model shares. The `Backend` protocol and its records live
 here; `hf`, `vllm` and `endpoint` (any OpenAI-compatible server) implement it; `generate` is the job."""
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol

@@ -74,12 +74,9 @@ class Endpoint:
     ) -> dict:
         body = {"model": self.model, "messages": messages, "max_tokens": s.max_new_tokens, "stream": stream}
         body |= {"temperature": s.temperature, "top_p": s.top_p}
-        if s.n != 1:
-            body["n"] = s.n
-        if s.seed is not None:
-            body["seed"] = s.seed
-        if logprobs is not None:
-            body |= {"logprobs": True, "top_logprobs": logprobs}
+        body |= {"n": s.n} if s.n != 1 else {}
+        body |= {"seed": s.seed} if s.seed is not None else {}
+        body |= {"logprobs": True, "top_logprobs": logprobs} if logprobs is not None else {}
         return body
 
     def send(self, body: dict, stream: bool = False) -> httpx.Response:

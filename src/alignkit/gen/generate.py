@@ -1,7 +1,5 @@
 """`alignkit generate`: batched, resumable generation for {id, prompt} records, and `make_backend`."""
 
-from __future__ import annotations
-
 import importlib.util
 import json
 import os

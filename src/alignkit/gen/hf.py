@@ -43,8 +43,7 @@ class SlackLayer(DynamicLayer):
         n, add = self.keys.shape[-2] if self.keys.numel() else 0, key_states.shape[-2]
         buf = getattr(self, "buf", None)
         if buf is None or self.keys is not self.view or n + add > buf[0].shape[-2]:
-            shape = list(key_states.shape)
-            shape[-2] = max(2 * (n + add), 64)
+            shape = (*key_states.shape[:-2], max(2 * (n + add), 64), key_states.shape[-1])
             buf = (key_states.new_zeros(shape), value_states.new_zeros(shape))
             if n:
                 buf[0][..., :n, :], buf[1][..., :n, :] = self.keys, self.values
@@ -56,8 +55,7 @@ class SlackLayer(DynamicLayer):
 
 
 def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    extra = length - t.shape[dim]
-    if extra <= 0:
+    if (extra := length - t.shape[dim]) <= 0:
         return t
     shape = list(t.shape)
     shape[dim] = extra
@@ -147,16 +145,14 @@ class HFBackend:
     @torch.inference_mode()
     def generate(self, requests: list[Request], sampling: Sampling) -> Iterator[Completion]:
         gen = torch.Generator().manual_seed(sampling.seed)
-        # queue of (request, sample, prompt ids), shortest prompts first so that each prefill batch holds
-        # similar lengths (little padding); pop() from the end takes the shortest
+        # queue of (request, sample, prompt ids); pop() takes the shortest, so prefill batches pad little
         prompts = [r.ids if r.ids is not None else self.encode(r.messages) for r in requests]
         queue = [(i, s, p) for i, p in enumerate(prompts) for s in range(sampling.n)]
         queue = sorted(queue, key=lambda q: len(q[2]))[::-1]
         results, run = Results(requests, sampling.n), None
         while queue or run:
             free = self.batch_size - (len(run.rows) if run else 0)
-            # 1. refill free slots once an eighth of the batch is free (or nothing is running): a prefill
-            # costs about one decode step, and an idle slot costs its share of every step
+            # 1. refill once an eighth of the slots idle (or none run): a prefill costs about one decode step
             if queue and (run is None or free >= max(1, self.batch_size // 8)):
                 new = self.prefill([queue.pop() for _ in range(min(free, len(queue)))], sampling, gen)
                 start = len(run.rows) if run else 0

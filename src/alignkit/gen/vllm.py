@@ -1,7 +1,5 @@
 """vLLM, where it is installed (GPU clusters): the Backend protocol over vLLM's own scheduler."""
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 
 from vllm import LLM, SamplingParams

@@ -49,8 +49,8 @@ class GuardConfig:
 
     fail_closed: bool = True
     """A check that raises blocks the record (true) or is recorded unflagged and skipped (false)."""
-    refusal_text: str = "I can't help with that."
-    """What a blocked prompt or response is replaced with."""
+    refusal_text: str = Pipeline.refusal_text
+    """What a blocked prompt or response is replaced with (say what was declined, and why)."""
     rules_file: str | None = None
     """YAML file `{rules: [...]}` injected into the system prompt; null for none."""
     patterns: list[str] = field(default_factory=lambda: list(PATTERN_GROUPS))

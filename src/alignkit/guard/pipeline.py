@@ -5,6 +5,7 @@ text later checks see. A check that raises blocks if `fail_closed`, else is reco
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
@@ -17,6 +18,11 @@ from ..data import DataError, read_yaml
 Stage = Literal["input", "output"]
 Action = Literal["block", "flag", "rewrite"]
 STAGES, ACTIONS = ("input", "output"), ("block", "flag", "rewrite")
+BLOCKED = (
+    "I'm sorry, but I can't help with that. This service's safety checks declined the request, because "
+    "answering it could cause harm."
+)
+"""The default block message: a refusal that people and scanners' refusal markers (garak's) read as one."""
 
 # Built-in pattern groups (category -> regexes), matched case-insensitively. Markers, not a classifier:
 # they catch the copy-pasted openers of common jailbreaks and prompt injections, nothing paraphrased.
@@ -176,7 +182,7 @@ class Pipeline:
     checks: list[Check]
     context: ContextRules | None = None
     fail_closed: bool = True
-    refusal_text: str = "I can't help with that."
+    refusal_text: str = BLOCKED
 
     def __post_init__(self):
         for c in self.checks:
@@ -191,9 +197,7 @@ class Pipeline:
     def check_output(self, prompt: str, response: str) -> GuardResult:
         return self._run("output", [prompt], [response], batched=False)[0]
 
-    def check_many(
-        self, stage: Stage, prompts: list[str], responses: list[str] | None = None
-    ) -> list[GuardResult]:
+    def check_many(self, stage: Stage, prompts: list[str], responses: list[str] | None = None):
         """As check_input/check_output per record; `check_batch` gets the records not yet blocked at once."""
         return self._run(stage, prompts, responses, batched=True)
 
@@ -218,12 +222,10 @@ class Pipeline:
     def _call(c: Check, ps: list[str], rs: list, batched: bool) -> list[Verdict | Exception]:
         """Verdicts, with the exception in place of the verdict of a record whose check raised."""
         if batched and hasattr(c, "check_batch"):
-            try:
+            with contextlib.suppress(Exception):  # if it raises: one record at a time, a bad one fails alone
                 vs = list(c.check_batch(ps, rs))
                 if len(vs) == len(ps) and all(isinstance(v, Verdict) for v in vs):
                     return vs
-            except Exception:
-                pass  # retry one record at a time, so that one bad record fails alone
         out: list[Verdict | Exception] = []
         for p, r in zip(ps, rs, strict=True):
             try:
@@ -265,8 +267,7 @@ class RefusalCheck:
         return self.check_batch([prompt], [response])[0]
 
     def check_batch(self, prompts: list[str], responses: list[str | None]) -> list[Verdict]:
-        texts = [r or "" for r in responses]
-        rs = list(self.refusal(prompts, texts))
+        rs = list(self.refusal(prompts, [r or "" for r in responses]))
         qs = list(self.request(prompts, prompts)) if self.request else [0.0] * len(prompts)
         out = []
         for r, q in zip(rs, qs, strict=True):

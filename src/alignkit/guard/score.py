@@ -1,15 +1,12 @@
 """`alignkit guard score`: the guard pipeline's input or output checks over JSONL records."""
 
-from __future__ import annotations
-
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from .. import config as cfglib
-from ..data import DataError, read_records, write_atomic
+from ..data import DataError, read_records, write_jsonl
 from .config import GuardConfig, build_pipeline
 from .pipeline import output_scores
 
@@ -50,9 +47,9 @@ def score(cfg: GuardScoreConfig, detectors: dict[str, Callable] | None = None) -
         row = {**rec, "flagged": res.flagged, "score": res.score, "verdicts": verdicts}
         if cfg.stage == "output":
             row["refusal"], row["harm"] = refusal[k] if refusal else None, harm[k] if harm else None
-        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+        rows.append(row)
     out = Path(cfg.output)
-    write_atomic(out, "".join(rows))
+    write_jsonl(out, rows)
     cfglib.save(cfg, out.with_name(out.stem + ".job_config.yaml"))
     flagged, blocked = sum(r.flagged for r in results), sum(r.blocked for r in results)
     return {"output": str(out), "records": len(results), "flagged": flagged, "blocked": blocked}

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,7 +37,7 @@ from ..gen import Piece, PromptTooLong, Sampling
 from ..gen.endpoint import Endpoint, EndpointError
 from ..gen.hf import HFBackend
 from .config import GuardConfig, build_pipeline
-from .pipeline import GuardResult, Pipeline, inject
+from .pipeline import GuardResult, Pipeline, Verdict, inject
 
 
 def is_refusal(v) -> bool:
@@ -60,15 +61,15 @@ class ServeConfig:
     """Environment variable holding the upstream's API key (unset: no key is sent)."""
     upstream_timeout: float = 60.0
     """Seconds to wait on the upstream (to connect, and between streamed bytes) before answering 504."""
-    guard: str | None = None
-    """Guard YAML (GuardConfig keys); unset: the default guard; 'none': no checks (a bare model)."""
+    guard: str = "default"
+    """Guard YAML (GuardConfig keys), 'default' (the default guard) or 'none' (no checks: a bare model)."""
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0: every interface)."""
     port: int = 8000
     """Port to listen on."""
     api_key_env: str = "ALIGNKIT_API_KEY"
-    """Environment variable holding the key clients must send as `Authorization: Bearer <key>`; unset or
-    empty: no auth. /healthz is always open."""
+    """Environment variable holding the keys clients may send as `Authorization: Bearer <key>`,
+    comma-separated (several clients, or a key rotation); unset or empty: no auth. /healthz is always open."""
     max_body_bytes: int = 1_000_000
     """Larger request bodies are refused with 413 before they are parsed."""
     max_prompt_tokens: int = 4096
@@ -79,10 +80,15 @@ class ServeConfig:
     """Sampling temperature of requests that set none; 0 is greedy."""
     top_p: float = 1.0
     """Nucleus sampling mass of requests that set none."""
+    check_timeout: float = 30.0
+    """Seconds one stage's checks may take (a hung classifier); past it the request is answered as the
+    guard's fail_closed says: blocked, or let through with an `error` verdict. 0: no limit."""
     stream_check_chars: int = 200
     """Streaming: output checks run every this many new characters and at the end; text waits for a pass."""
     log_file: str = "runs/serve/flagged.jsonl"
     """JSON-lines log of flagged and blocked events, rotated; empty: no log."""
+    log_text: bool = False
+    """Also write the prompt and response (first 500 characters) into the flagged log; off: verdicts only."""
     log_max_bytes: int = 10_000_000
     """Size at which the flagged log rotates."""
     log_backups: int = 3
@@ -102,9 +108,12 @@ class ServeConfig:
 class ApiError(Exception):
     """An error answered the way OpenAI answers: HTTP `status` and {"error": {message, type, code}}."""
 
-    def __init__(self, status: int, msg: str, kind: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, msg: str, kind="invalid_request_error", code=None, param=None):
         super().__init__(msg)
-        self.status, self.body = status, {"error": {"message": msg, "type": kind, "code": code}}
+        self.status, self.body = (
+            status,
+            {"error": {"message": msg, "type": kind, "param": param, "code": code}},
+        )
 
 
 def pieces(backend, messages: list[dict], s: Sampling) -> Iterator[Piece]:
@@ -153,7 +162,8 @@ class ChatRequest(Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     stream: bool | None = False
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1)
+    stream_options: dict | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -185,8 +195,8 @@ class Server:
 
     def __init__(self, cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None):
         if pipeline is None:
-            gcfg = cfglib.load(GuardConfig, cfg.guard) if cfg.guard not in (None, "none") else GuardConfig()
-            pipeline = build_pipeline(GuardConfig(patterns=[], checks=[]) if cfg.guard == "none" else gcfg)
+            named = {"default": GuardConfig(), "none": GuardConfig(patterns=[], checks=[])}
+            pipeline = build_pipeline(named.get(cfg.guard) or cfglib.load(GuardConfig, cfg.guard))
         if backend is None and cfg.upstream:
             # always streamed, so that a blocked answer is cut off early; never retried: the client decides
             backend = Endpoint(cfg.upstream, cfg.model, cfg.upstream_key_env, cfg.upstream_timeout, retries=0)
@@ -194,14 +204,27 @@ class Server:
             backend = HFBackend(cfg.model, cfg.precision, batch_size=1)
             backend.max_prompt_tokens = cfg.max_prompt_tokens
         self.cfg, self.pipe, self.backend = cfg, pipeline, backend
-        self.metrics, self.log = Metrics(), flag_log(cfg)
+        self.metrics, self.log, self.pool = (
+            Metrics(),
+            flag_log(cfg),
+            futures.ThreadPoolExecutor(64, "guard-check"),
+        )
         self.model_id = Path(cfg.model).name if os.path.isdir(cfg.model) else cfg.model
         self.started = int(time.time())
 
     def check(self, rid: str, stage: str, prompt: str, response: str | None = None, final=True):
         """One guard stage, timed; only final or blocking results count in the metrics and the flagged log."""
-        t0 = time.perf_counter()
-        res = self.pipe.check_input(prompt) if stage == "input" else self.pipe.check_output(prompt, response)
+        t0, pipe, limit = time.perf_counter(), self.pipe, self.cfg.check_timeout or None
+        job = self.pool.submit(
+            lambda: pipe.check_input(prompt) if stage == "input" else pipe.check_output(prompt, response)
+        )
+        try:
+            res = job.result(timeout=limit)
+        except futures.TimeoutError:  # the check's thread is left to finish; the request is answered now
+            why = f"the {stage} checks took over check_timeout={limit} s"
+            v = Verdict("timeout", pipe.fail_closed, float(pipe.fail_closed), "error", why)
+            text = pipe.refusal_text if pipe.fail_closed else prompt if stage == "input" else response
+            res = GuardResult(stage, text, pipe.fail_closed, [v])
         self.metrics.guard_seconds.labels(stage).observe(time.perf_counter() - t0)
         if final or res.blocked:
             self.record(rid, res, prompt, response)
@@ -220,8 +243,9 @@ class Server:
         if self.log and (flagged or res.blocked):
             verdicts = [v.as_dict() for v in res.verdicts]
             event = {"time": datetime.now(timezone.utc).isoformat(), "request_id": rid, "stage": res.stage}
-            event |= {"blocked": res.blocked, "score": res.score, "prompt": prompt[:500]}
-            event |= {"response": response and response[:500], "verdicts": verdicts}
+            event |= {"blocked": res.blocked, "score": res.score, "verdicts": verdicts}
+            if self.cfg.log_text:  # prompts and responses are the users' data: kept out unless asked for
+                event |= {"prompt": prompt[:500], "response": response and response[:500]}
             self.log.info(json.dumps(event, ensure_ascii=False))
 
     def guard_check(self, prompt: str, response: str | None) -> dict:
@@ -234,6 +258,9 @@ class Server:
 
     async def chat(self, body) -> dict | Iterator[str]:
         req, cfg, rid = ChatRequest.model_validate(body), self.cfg, f"chatcmpl-{uuid.uuid4().hex}"
+        if req.n > 1:
+            msg = f"n={req.n}: this server returns one choice per request; send {req.n} requests instead"
+            raise ApiError(400, msg, param="n", code="n_unsupported")
         if req.logprobs and (req.stream or not isinstance(self.backend, HFBackend)):
             msg = "logprobs are served for a local model's non-streamed answers"
             raise ApiError(400, msg, code="logprobs")
@@ -242,8 +269,11 @@ class Server:
         prompt = last_user(msgs)
         # 1. input checks; a blocked prompt never reaches the model
         inp = await run_in_threadpool(self.check, rid, "input", prompt)
+        usage = req.stream_options and req.stream_options.get("include_usage") if req.stream else True
+        count = (lambda text: self.usage(msgs, text)) if usage else None
         if inp.blocked:
-            return self.reply(rid, bool(req.stream), inp.text, "content_filter", {"input": inp.as_dict()})
+            guard = {"input": inp.as_dict()}
+            return self.reply(rid, bool(req.stream), inp.text, "content_filter", guard, usage=count)
         # 2. deployment rules into the system prompt, then generation (CPU-bound: in worker threads)
         if self.pipe.context is not None:
             msgs = inject(msgs, self.pipe.context)
@@ -254,7 +284,7 @@ class Server:
         answer = pieces(self.backend, msgs, s)
         first = await run_in_threadpool(next, answer, ("", "stop"))  # errors before any text get a status
         if req.stream:
-            return self.sse(rid, prompt, inp, first, answer)
+            return self.sse(rid, prompt, inp, first, answer, count)
         # 3. output checks on the whole answer
         text, finish = await run_in_threadpool(collect, first, answer)
         out = await run_in_threadpool(self.check, rid, "output", prompt, text)
@@ -262,12 +292,21 @@ class Server:
         lp = None
         if req.logprobs:
             lp = await run_in_threadpool(token_logprobs, self.backend, msgs, out.text, req.top_logprobs or 0)
-        return self.reply(rid, False, out.text, "content_filter" if out.blocked else finish, guard, lp)
+        finish = "content_filter" if out.blocked else finish
+        return self.reply(rid, False, out.text, finish, guard, lp, await run_in_threadpool(count, out.text))
 
-    def sse(self, rid: str, prompt: str, inp: GuardResult, first: Piece, rest: Iterator[Piece]):
+    def usage(self, msgs: list[dict], text: str) -> dict | None:
+        """OpenAI's token counts, by the local model's tokenizer (None for an upstream: no tokenizer here)."""
+        if not hasattr(self.backend, "encode"):
+            return None
+        prompt = len(self.backend.encode(msgs))
+        completion = len(self.backend.tok(text, add_special_tokens=False)["input_ids"])
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def sse(self, rid: str, prompt: str, inp: GuardResult, first: Piece, rest: Iterator[Piece], count=None):
         """SSE lines of the answer, held back until checked; a block stops it and ends with the refusal."""
         yield self.chunk(rid, {"role": "assistant", "content": ""})
-        text, checked, sent = "", 0, ""
+        text, checked, sent, shown = "", 0, "", ""
         try:
             for delta, finish in itertools.chain([first], rest):
                 text += delta
@@ -278,14 +317,18 @@ class Server:
                 guard = {"input": inp.as_dict(), "output": out.as_dict()}
                 # a rewrite reaching back into released text cannot be taken back: withhold the rest
                 if out.blocked or not out.text.startswith(sent):
-                    yield self.chunk(rid, {"content": ("\n\n" if sent else "") + self.pipe.refusal_text})
+                    shown = sent + ("\n\n" if sent else "") + self.pipe.refusal_text
+                    yield self.chunk(rid, {"content": shown[len(sent) :]})
                     yield self.chunk(rid, {}, "content_filter", guard=guard)
                     break
                 if len(out.text) > len(sent):
                     yield self.chunk(rid, {"content": out.text[len(sent) :]})
                     sent = out.text
                 if finish is not None:
+                    shown = sent
                     yield self.chunk(rid, {}, finish, guard=guard)
+            if count is not None:  # stream_options.include_usage: a last chunk with no choices, as OpenAI
+                yield self.chunk(rid, None, usage=count(shown))
         except ApiError as e:  # the status line is long gone: the error goes in-band, as OpenAI does
             yield f"data: {json.dumps(e.body)}\n\n"
         finally:
@@ -293,19 +336,23 @@ class Server:
         yield DONE
 
     def reply(
-        self, rid: str, stream: bool, text: str, finish: str, guard: dict, lp=None
+        self, rid: str, stream: bool, text: str, finish: str, guard: dict, lp=None, usage=None
     ) -> dict | Iterator[str]:
         guard = {"input": None, "output": None} | guard
         if stream:
             role = {"role": "assistant", "content": text}
-            return iter([self.chunk(rid, role), self.chunk(rid, {}, finish, guard=guard), DONE])
+            tail = [self.chunk(rid, None, usage=usage(text))] if usage else []
+            return iter([self.chunk(rid, role), self.chunk(rid, {}, finish, guard=guard), *tail, DONE])
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         choice |= {"logprobs": {"content": lp}} if lp is not None else {}
-        return {**self.head(rid, "chat.completion"), "choices": [choice], "guard": guard}
+        usage = usage if isinstance(usage, dict) or usage is None else usage(text)
+        return {**self.head(rid, "chat.completion"), "choices": [choice], "usage": usage, "guard": guard}
 
-    def chunk(self, rid: str, delta: dict, finish: str | None = None, **extra) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        return f"data: {json.dumps({**self.head(rid, 'chat.completion.chunk'), 'choices': [choice], **extra})}\n\n"
+    def chunk(self, rid: str, delta: dict | None, finish: str | None = None, **extra) -> str:
+        """One SSE line; delta None: the usage chunk, with no choices."""
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        body = {**self.head(rid, "chat.completion.chunk"), "choices": choices, **extra}
+        return f"data: {json.dumps(body)}\n\n"
 
     def head(self, rid: str, obj: str) -> dict:
         return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_id}
@@ -373,9 +420,11 @@ def create_app(cfg: ServeConfig, pipeline: Pipeline | None = None, backend=None)
     async def gate(request: Request, call_next):
         """Auth (a constant-time compare; /healthz open), then request counts and latency by endpoint."""
         t0, path = time.perf_counter(), request.url.path
-        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        keys = [k.strip() for k in os.environ.get(cfg.api_key_env, "").split(",") if k.strip()]
         sent = request.headers.get("authorization", "").encode()
-        if key and path != "/healthz" and not hmac.compare_digest(sent, f"Bearer {key}".encode()):
+        # every key is compared, in constant time, so the time taken says nothing about which one is near
+        good = [hmac.compare_digest(sent, f"Bearer {k}".encode()) for k in keys]
+        if keys and path != "/healthz" and not any(good):
             msg = "missing or wrong API key (send Authorization: Bearer <key>)"
             response = error(ApiError(401, msg, "authentication_error", "invalid_api_key"))
         else:

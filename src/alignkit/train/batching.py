@@ -49,6 +49,25 @@ def process_share(batch: list[int], rank: int, world: int, grad_accum: int = 1) 
     return [mine[i : i + size] for i in range(0, len(mine), size)]
 
 
+def token_split(micro: list[list[int]], lengths: list[int], cap: int) -> list[list[int]]:
+    """Each micro-batch cut, in order, into runs whose padded size (rows × longest row) is ≤ cap; a row
+    longer than cap runs alone. cap 0: as given."""
+    out = []
+    for idx in micro:
+        if cap <= 0:
+            out.append(idx)
+            continue
+        run, longest = [], 0
+        for i in idx:
+            if run and (len(run) + 1) * max(longest, lengths[i]) > cap:
+                out.append(run)
+                run, longest = [], 0
+            run.append(i)
+            longest = max(longest, lengths[i])
+        out.append(run)
+    return out
+
+
 def prompt_order(n: int, batch: int, seed: int, step: int) -> list[int]:
     """The prompts of PPO step `step`: a fresh permutation each pass over the data; pure in (seed, step)."""
     per_pass = max(1, n // batch)

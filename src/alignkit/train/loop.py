@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -25,10 +26,10 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .. import config as cfglib
-from ..config import ConfigError, inline
+from ..config import ConfigError, high_water_mb, inline, peak_rss_mb
 from ..data import write_atomic
 from ..models import count_parameters, use_bf16
-from .batching import batch_order, process_share, split_eval
+from .batching import batch_order, process_share, split_eval, token_split
 
 CKPT = "checkpoints"
 
@@ -77,6 +78,9 @@ class TrainSettings:
     """Stop after this many optimiser steps (0: use epochs)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    micro_tokens: int = 768
+    """Cap on the padded tokens of one forward/backward pass (an RM pair counts both sequences): micro-batches
+    are split further until each fits. The result is the same; activation memory is bounded (0: no cap)."""
     group_by_length: bool = True
     """Batch examples of similar length together so that padding wastes little compute."""
     eval_fraction: float = 0.05
@@ -250,6 +254,7 @@ class Task:
     train_rows: list[dict]
     eval_rows: list[dict]
     lengths: list[int]
+    """Padded tokens of each row in a forward pass (an RM pair: twice its longer sequence)."""
     eval_lengths: list[int]
     loss_sum: Callable[[Any, list[dict]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     count: Callable[[list[dict]], int]
@@ -296,7 +301,10 @@ def step_batch(model, task: Task, batch: list[int], settings: TrainSettings, acc
     """Steps 2–3 of `train`: micro-batch losses normalised by the global count → (metrics, tokens read)."""
     norm = task.count([task.train_rows[i] for i in batch]) / acc.num_processes
     micro = process_share(batch, acc.process_index, acc.num_processes, settings.grad_accum)
+    if acc.distributed_type != DistributedType.DEEPSPEED:  # its engine steps at every backward
+        micro = token_split(micro, task.lengths, settings.micro_tokens)
     loss_total, metric_sums, tokens = 0.0, {}, 0
+    padded = max(len(idx) * max(task.lengths[i] for i in idx) for idx in micro)
     for j, idx in enumerate(micro):
         rows = [task.train_rows[i] for i in idx]
         with acc.no_sync(model) if j < len(micro) - 1 else contextlib.nullcontext():
@@ -310,7 +318,28 @@ def step_batch(model, task: Task, batch: list[int], settings: TrainSettings, acc
     sums = acc.reduce(torch.tensor([loss_total, *metric_sums.values()], device=acc.device), "sum").cpu()
     total_count = norm * acc.num_processes
     keys = ["loss", *metric_sums]
-    return {f"train/{k}": s / total_count for k, s in zip(keys, sums.tolist(), strict=True)}, tokens
+    metrics = {f"train/{k}": s / total_count for k, s in zip(keys, sums.tolist(), strict=True)}
+    return metrics | {"perf/micro_tokens": padded}, tokens
+
+
+def check_memory(acc, task: Task, settings: TrainSettings, rss0: float | None, padded: int) -> None:
+    """After a run's first step: stop with the settings to lower if the largest micro-batch of the run,
+    scaled from this step's growth by its tokens, would need more memory than is free."""
+    rows = math.ceil(settings.batch_size / acc.num_processes / settings.grad_accum)
+    largest = rows * max(task.lengths)
+    if settings.micro_tokens:
+        largest = min(largest, max(settings.micro_tokens, max(task.lengths)))
+    if rss0 is None or (now := high_water_mb()) is None:  # not Linux: no per-step high-water mark
+        return
+    grown = now - rss0
+    need, free = grown * max(largest / padded - 1, 0), psutil.virtual_memory().available / 2**20
+    if acc.reduce(torch.tensor(float(need > free), device=acc.device), "sum").item():
+        raise ConfigError(
+            f"not enough memory: the first step grew this process by {grown:,.0f} MB for {padded} padded "
+            f"tokens, so the largest micro-batch ({largest:,} tokens) needs about {need:,.0f} MB more, and "
+            f"{free:,.0f} MB are free. Lower train.micro_tokens (now {settings.micro_tokens}), "
+            "train.batch_size or max_length, or set train.gradient_checkpointing=true"
+        )
 
 
 def global_batch(task: Task, settings: TrainSettings, step: int, cache: dict) -> list[int]:
@@ -340,11 +369,13 @@ def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc) -> 
         log.log(0, before)
         baseline = {k.replace("eval/", "before/"): v for k, v in before.items()}
     model.train()
-    t0, tokens_done, orders = time.perf_counter(), 0, {}
+    t0, tokens_done, orders, rss0 = time.perf_counter(), 0, {}, high_water_mb(reset=True)
     for step in range(start, steps):
         # 1.–2. the global batch, this process's micro-batches, forward and backward
         last, tokens = step_batch(model, task, global_batch(task, settings, step, orders), settings, acc)
         tokens_done += tokens
+        if step == start:
+            check_memory(acc, task, settings, rss0, int(last["perf/micro_tokens"]))
         # 3. clip, update, schedule
         grad_norm = acc.clip_grad_norm_(model.parameters(), run.max_grad_norm) if run.max_grad_norm else None
         opt.step()
@@ -360,6 +391,7 @@ def train(model, task: Task, settings: TrainSettings, output_dir: Path, acc) -> 
         if grad_norm is not None:
             last["train/grad_norm"] = float(grad_norm)
         last["perf/tokens_per_s"] = tokens_done * acc.num_processes / max(time.perf_counter() - t0, 1e-9)
+        last["perf/peak_rss_mb"] = peak_rss_mb()
         bar.set_postfix(loss=f"{last['train/loss']:.4f}")
         if done % run.log_every == 0 or done == steps:
             log.log(done, last)

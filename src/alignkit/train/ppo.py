@@ -3,8 +3,6 @@ reference policy (Ziegler et al. 2019, arXiv:1909.08593; Ouyang et al. 2022, arX
 reference is the LoRA policy with its adapters disabled: one copy of the weights (`lora.enabled=false` trains
 every weight and keeps a frozen copy); the value head shares the policy's backbone."""
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import math
@@ -13,13 +11,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, inline
+from ..config import ConfigError, inline, peak_rss_mb
 from ..data import DataError, Messages, as_messages, read_records, template_ids, text_or_messages
 from ..detect import classifiers
 from ..detect.judges import ClassifierJudge
@@ -53,9 +51,8 @@ class KLSettings:
             raise ValueError("beta must be ≥ 0 (and beta, target, horizon > 0 when mode=adaptive)")
 
     def controller(self) -> rl.AdaptiveKL | rl.FixedKL:
-        if self.mode == "adaptive":
-            return rl.AdaptiveKL(self.beta, self.target, self.horizon)
-        return rl.FixedKL(self.beta)
+        adaptive = self.mode == "adaptive"
+        return rl.AdaptiveKL(self.beta, self.target, self.horizon) if adaptive else rl.FixedKL(self.beta)
 
 
 @dataclass
@@ -154,30 +151,25 @@ class PPOConfig:
             raise ValueError("lr must be > 0")
 
 
-@dataclass
-class Prompt:
+class Prompt(NamedTuple):
     messages: Messages
     ids: list[int]
 
 
 def load_prompts(cfg: PPOConfig, tok) -> tuple[list[Prompt], dict]:
     """Read and template the prompts; a bad record is a DataError naming the file, line and field."""
-    out, skipped = [], 0
+    every = []
     for line, rec in read_records(cfg.prompts):
         msgs = as_messages(text_or_messages(rec, "prompt", cfg.prompts, line), "user", cfg.system)
-        ids = template_ids(tok, msgs, add_generation_prompt=True)
-        if len(ids) > cfg.max_prompt_length:
-            skipped += 1
-            continue
-        out.append(Prompt(msgs, ids))
+        every.append(Prompt(msgs, template_ids(tok, msgs, add_generation_prompt=True)))
+    out = [p for p in every if len(p.ids) <= cfg.max_prompt_length]
     if not out:
         msg = f"no prompt fits max_prompt_length={cfg.max_prompt_length}"
         raise DataError(cfg.prompts, None, "prompt", msg)
-    return out, {"data/prompts": len(out), "data/skipped_long": skipped}
+    return out, {"data/prompts": len(out), "data/skipped_long": len(every) - len(out)}
 
 
-@dataclass
-class Experience:
+class Experience(NamedTuple):
     """Steps 2–4 of a rollout (on the CPU), and the fused rollout-time pass's outputs with their graph."""
 
     rewards: Tensor  # (B,) after the no-EOS penalty
@@ -310,9 +302,7 @@ class Stepper:
         self.opt.step()
         return norm
 
-    def statistics(
-        self, ro: Rollout, exp: Experience, losses: dict, times: dict, extra: dict
-    ) -> dict[str, float]:
+    def statistics(self, ro: Rollout, exp: Experience, losses: dict, times: dict, extra: dict) -> dict:
         """Step 6: the metrics (means over all processes; the README's glossary), then β from their KL."""
         mask = ro.response_mask
         lengths, kl_seq = mask.sum(1), (exp.old_logprobs - exp.ref_logprobs).sum(1)
@@ -336,6 +326,7 @@ class Stepper:
         self.kl.update(stats["kl/ref"], len(all_rewards))
         stats["reward/length_corr"] = rl.pearson(all_rewards, all_lengths.float())
         stats["perf/samples_per_s"] = len(all_rewards) / max(sum(times.values()), 1e-9)
+        stats["perf/peak_rss_mb"] = peak_rss_mb()
         return stats
 
 
@@ -382,11 +373,9 @@ class ProbeEval:
 def build_model(cfg: PPOConfig, reward: Reward, acc):
     """The policy (LoRA, or full with a frozen reference copy) and its value head: → (model, reference)."""
     policy = load_causal_lm(cfg.model)
-    hidden, ref = policy.config.hidden_size, None
-    if cfg.lora.enabled:
-        policy = apply_lora(policy, cfg.lora, "CAUSAL_LM")
-    else:
-        ref = copy.deepcopy(policy).eval().requires_grad_(False).to(acc.device)
+    hidden = policy.config.hidden_size
+    ref = None if cfg.lora.enabled else copy.deepcopy(policy).eval().requires_grad_(False).to(acc.device)
+    policy = apply_lora(policy, cfg.lora, "CAUSAL_LM")  # as is for a full fine-tune
     head = ValueHead.from_score_head(reward.score_head() if cfg.value_init == "reward" else None, hidden)
     return PolicyWithValue(policy, head), ref
 
@@ -432,9 +421,8 @@ def run(cfg: PPOConfig) -> dict:
     if evaluate and start == 0:
         log.log(0, probe_eval(acc.unwrap_model(model).policy, tok, 0))
     last: dict[str, float] = {}
-    for step in range(start, cfg.steps):
-        last = ppo_step(cfg, stepper, prompts, reward, tok, acc, step)
-        done = step + 1
+    for done in range(start + 1, cfg.steps + 1):
+        last = ppo_step(cfg, stepper, prompts, reward, tok, acc, done - 1)
         bar.update(1)
         bar.set_postfix(score=f"{last['reward/score']:.3f}", kl=f"{last['kl/ref']:.2f}")
         if done % cfg.run.log_every == 0 or done == cfg.steps:

@@ -5,8 +5,6 @@ arXiv:2310.02743), the helpful/harmless priority rule, and `load_reward`. Folder
   priority      priority.json: reward folders in priority order (safety first, helpfulness last) and a
                 threshold per tier but the last ({tiers, thresholds}; or {helpful, harmless, threshold})"""
 
-from __future__ import annotations
-
 import json
 from dataclasses import dataclass
 from pathlib import Path

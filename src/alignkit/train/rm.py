@@ -102,7 +102,7 @@ def build_task(cfg: RMConfig, tok) -> tuple[Task, dict, bool]:
 
     rows, eval_rows, report = train_eval_rows(cfg.data, cfg.eval_data, encode, cfg.train)
     soft = cfg.loss == "soft" or (cfg.loss == "auto" and any(r["label"] < 1 for r in rows))
-    longest = lambda r: max(len(r["chosen_ids"]), len(r["rejected_ids"]))  # noqa: E731
+    longest = lambda r: 2 * max(len(r["chosen_ids"]), len(r["rejected_ids"]))  # noqa: E731
     task = Task(
         train_rows=rows,
         eval_rows=eval_rows,

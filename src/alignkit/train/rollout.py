@@ -44,13 +44,7 @@ def rollout(
 
 
 def response_logprobs(
-    model,
-    query: Tensor,
-    query_mask: Tensor,
-    response: Tensor,
-    response_mask: Tensor,
-    with_entropy: bool = False,
-    temperature: float = 1.0,
+    model, query, query_mask, response, response_mask, with_entropy: bool = False, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of each response token (π at `temperature`, as sampled), the last hidden state
     that predicts it (B, T, H) and optionally π's entropy, from one forward pass; (B, T), 0 on padding."""
@@ -101,9 +95,7 @@ class PolicyWithValue(nn.Module):
         super().__init__()
         self.policy, self.head = policy, head
 
-    def forward(
-        self, query, query_mask, response, response_mask, temperature: float = 1.0, with_entropy=False
-    ):
+    def forward(self, query, query_mask, response, response_mask, temperature=1.0, with_entropy=False):
         """(logprobs, values, entropy or None) of the responses, (B, T) each, from one forward pass."""
         logprobs, hidden, entropy = response_logprobs(
             self.policy, query, query_mask, response, response_mask, with_entropy, temperature

@@ -1,7 +1,5 @@
 """`alignkit sft`: supervised fine-tuning on (prompt, completion) or message data, loss on completions."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +90,6 @@ def run(cfg: SFTConfig) -> dict:
 def heldout_loss(model: str, data: str, max_length: int = 512, batch_size: int = 8) -> float:
     """Mean NLL per completion token of `model` on `data` ({prompt, completion}), nothing trained."""
     cfg = SFTConfig(data=data, eval_data=data, model=model, max_length=max_length)
-    tok = load_tokenizer(model)
-    task, _ = build_task(cfg, tok)
+    task, _ = build_task(cfg, load_tokenizer(model))
     acc = loop.make_accelerator(loop.RunSettings(), Path(cfg.output_dir), batch_size)
     return loop.evaluate(load_causal_lm(model).to(acc.device), task, acc, batch_size)["eval/loss"]
