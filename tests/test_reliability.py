@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,3 +165,53 @@ def test_generate_killed_9_mid_append_resumes_to_the_same_records(tmp_path, tiny
     finish(*args, f"output={out}")
     read = lambda p: {r["id"]: r for r in map(json.loads, p.read_text().splitlines())}  # noqa: E731
     assert read(out) == read(tmp_path / "whole.jsonl") and len(read(out)) == 24
+
+
+BAD_FILES = {  # job args (FILE: the bad file, OUT: the output), the file's text, what the error names
+    "jsonl": ("sft data=FILE output_dir=OUT", '{"prompt": "a", "completion": "b"}\n{"prompt": 3}\n', ["line 2", "prompt"]),
+    "probe pack": ("probe --pack FILE output_dir=OUT", "probes:\n  - {id: a, family: plain}\n", ["FILE"]),
+    "constitution": ("cai revise constitution=FILE output_dir=OUT policy=TINY", "version: 1\nprinciples: []\n", ["principles"]),
+    "guard config": ("guard score --stage input --guard FILE --in IN --out OUT", "fail_closd: true\n", ["fail_closd"]),
+    "rules file": ("guard score --stage input --guard GUARD --in IN --out OUT", "rules: [1, '']\n", ["rules"]),
+    "recipe": ("run --config FILE output_dir=OUT", "sft:\n  train:\n    lrr: 1\n", ["sft.train.lrr"]),
+    "override": ("sft data=IN output_dir=OUT train.lr=fast", "", ["train.lr"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_every_bad_input_is_one_error_naming_it_exit_2_and_nothing_written(
+    tmp_path, tiny_model, case, capsys
+):
+    args, text, names = BAD_FILES[case]
+    bad, out = tmp_path / ("bad.jsonl" if case == "jsonl" else "bad.yaml"), tmp_path / "out"
+    bad.write_text(text)
+    good = write_jsonl(tmp_path / "in.jsonl", [{"id": "1", "prompt": "hi", "completion": "there"}])
+    guard = tmp_path / "guard.yaml"
+    guard.write_text(f"rules_file: {bad}\npatterns: []\nchecks: []\n")
+    subs = {"FILE": str(bad), "OUT": str(out), "IN": str(good), "GUARD": str(guard), "TINY": tiny_model}
+    argv = [re.sub(r"\b(FILE|OUT|IN|GUARD|TINY)\b", lambda m: subs[m[1]], a) for a in args.split()]
+    assert "OUT" not in " ".join(argv) and str(out) in " ".join(argv)
+    if case in ("jsonl", "probe pack", "override"):
+        argv.append(f"model={tiny_model}")
+    assert cli.main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"alignkit {argv[0]}"), err
+    assert all(n.replace("FILE", str(bad)) in err[0] for n in names), err[0]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_probe_killed_9_mid_generation_resumes_to_the_same_results(tmp_path, tiny_model):
+    args = ["probe", "--pack", "benign", f"model={tiny_model}", "temperature=0", "batch_size=1", "limit=16"]
+    args += ["max_new_tokens=16", "precision=fp32", "judge.refusal=regex", "judge.harm=none"]
+    finish(*args, f"output_dir={tmp_path / 'whole'}")
+    out = tmp_path / "killed"
+    proc = alignkit(*args, f"output_dir={out}")
+    gens = out / "generations.jsonl"
+    kill_when(proc, lambda: gens.exists() and gens.read_bytes().count(b"\n") >= 4, 0.0)
+    assert not (out / "summary.json").exists()
+    finish(*args, f"output_dir={out}")
+    rows = lambda d: sorted(map(json.loads, (d / "results.jsonl").read_text().splitlines()), key=str)  # noqa: E731
+    assert rows(out) == rows(tmp_path / "whole") and len(rows(out)) == 16
+    summary = lambda d: json.loads((d / "summary.json").read_text())["families"]  # noqa: E731
+    assert summary(out) == summary(tmp_path / "whole")
