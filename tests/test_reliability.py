@@ -13,6 +13,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import WORDS
 from test_sft import FAST, assert_same_weights, sft_data, train_metrics, write_jsonl
 
@@ -215,3 +216,28 @@ def test_probe_killed_9_mid_generation_resumes_to_the_same_results(tmp_path, tin
     assert rows(out) == rows(tmp_path / "whole") and len(rows(out)) == 16
     summary = lambda d: json.loads((d / "summary.json").read_text())["families"]  # noqa: E731
     assert summary(out) == summary(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_rm_ensemble_killed_9_in_its_second_member_resumes_to_the_same_bits(tmp_path, tiny_model, pairs_file):
+    from safetensors.torch import load_file
+
+    args = ["rm", "train", f"data={pairs_file}", f"model={tiny_model}", *FAST, "ensemble.size=2"]
+    args += ["train.max_steps=6", "train.save_every=2"]
+    finish(*args, f"output_dir={tmp_path / 'whole'}")
+    out = tmp_path / "killed"
+    proc = alignkit(*args, f"output_dir={out}")
+    ckpts = out / "members" / "member-1" / "checkpoints"
+    kill_when(proc, lambda: ckpts.exists() and any(ckpts.glob("step-*")), 0.0)
+    assert (out / "members" / "member-0" / "done.json").exists() and not (out / "ensemble.json").exists()
+    finish(*args, f"output_dir={out}", "train.resume=true")
+    for k in (0, 1):
+        a, b = (
+            load_file(d / "members" / f"member-{k}" / "adapter_model.safetensors")
+            for d in (tmp_path / "whole", out)
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), k
+    assert json.loads((out / "ensemble.json").read_text())["members"] == [
+        "members/member-0",
+        "members/member-1",
+    ]
