@@ -214,12 +214,10 @@ class Server:
 
     def check(self, rid: str, stage: str, prompt: str, response: str | None = None, final=True):
         """One guard stage, timed; only final or blocking results count in the metrics and the flagged log."""
-        t0, pipe, limit = time.perf_counter(), self.pipe, self.cfg.check_timeout or None
-        job = self.pool.submit(
-            lambda: pipe.check_input(prompt) if stage == "input" else pipe.check_output(prompt, response)
-        )
-        try:
-            res = job.result(timeout=limit)
+        t0, pipe, limit = time.perf_counter(), self.pipe, self.cfg.check_timeout
+        run = lambda: pipe.check_input(prompt) if stage == "input" else pipe.check_output(prompt, response)  # noqa: E731
+        try:  # with a limit, on the check pool, so that a hung check can be given up on
+            res = self.pool.submit(run).result(timeout=limit) if limit else run()
         except futures.TimeoutError:  # the check's thread is left to finish; the request is answered now
             why = f"the {stage} checks took over check_timeout={limit} s"
             v = Verdict("timeout", pipe.fail_closed, float(pipe.fail_closed), "error", why)
@@ -273,7 +271,8 @@ class Server:
         count = (lambda text: self.usage(msgs, text)) if usage else None
         if inp.blocked:
             guard = {"input": inp.as_dict()}
-            return self.reply(rid, bool(req.stream), inp.text, "content_filter", guard, usage=count)
+            usage = count(inp.text) if count else None
+            return self.reply(rid, bool(req.stream), inp.text, "content_filter", guard, usage=usage)
         # 2. deployment rules into the system prompt, then generation (CPU-bound: in worker threads)
         if self.pipe.context is not None:
             msgs = inject(msgs, self.pipe.context)
@@ -327,8 +326,8 @@ class Server:
                 if finish is not None:
                     shown = sent
                     yield self.chunk(rid, {}, finish, guard=guard)
-            if count is not None:  # stream_options.include_usage: a last chunk with no choices, as OpenAI
-                yield self.chunk(rid, None, usage=count(shown))
+            if count is not None and (usage := count(shown)) is not None:  # include_usage: as OpenAI sends it
+                yield self.chunk(rid, None, usage=usage)  # a last chunk with no choices
         except ApiError as e:  # the status line is long gone: the error goes in-band, as OpenAI does
             yield f"data: {json.dumps(e.body)}\n\n"
         finally:
@@ -341,11 +340,10 @@ class Server:
         guard = {"input": None, "output": None} | guard
         if stream:
             role = {"role": "assistant", "content": text}
-            tail = [self.chunk(rid, None, usage=usage(text))] if usage else []
+            tail = [self.chunk(rid, None, usage=usage)] if usage is not None else []
             return iter([self.chunk(rid, role), self.chunk(rid, {}, finish, guard=guard), *tail, DONE])
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         choice |= {"logprobs": {"content": lp}} if lp is not None else {}
-        usage = usage if isinstance(usage, dict) or usage is None else usage(text)
         return {**self.head(rid, "chat.completion"), "choices": [choice], "usage": usage, "guard": guard}
 
     def chunk(self, rid: str, delta: dict | None, finish: str | None = None, **extra) -> str:
